@@ -1,0 +1,129 @@
+"""Frozen configuration objects, validated once where they enter the program.
+
+`ModelConfig` is the architecture of a Llama-family checkpoint, read from its Hugging Face
+`config.json`. Everything downstream (runtime, KV cache, loaders) takes this object, never the
+raw dict.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters (HF `rope_scaling` / `rope_parameters`)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3 only: wavelengths longer than original_max / low_freq_factor are scaled by
+    # `factor`, shorter than original_max / high_freq_factor are kept, in between blended.
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in _SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope type {self.rope_type!r} is not supported (supported: {_SUPPORTED_ROPE_TYPES})"
+            )
+        if self.theta <= 0 or self.factor <= 0:
+            raise ValueError("rope theta and factor must be positive")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder, as stored in a HF `config.json`."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        archs = cfg.get("architectures") or ["LlamaForCausalLM"]
+        if cfg.get("model_type", "llama") != "llama" or archs[0] not in _SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"only Llama-family checkpoints are supported, got model_type={cfg.get('model_type')!r} "
+                f"architectures={archs}"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu)")
+        heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope=_rope_from_hf(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no config.json in {path}")
+        return cls.from_hf_dict(json.loads(config_file.read_text()))
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
+    # transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x writes `rope_parameters`
+    # (which carries rope_theta too). Accept both.
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    kwargs: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        kwargs["factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        kwargs["low_freq_factor"] = float(params["low_freq_factor"])
+        kwargs["high_freq_factor"] = float(params["high_freq_factor"])
+        kwargs["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+    return RopeConfig(**kwargs)

@@ -1,0 +1,3 @@
+from hispec.kv.cache import KVCache
+
+__all__ = ["KVCache"]

@@ -1,0 +1,114 @@
+"""Static, preallocated per-layer KV cache with a valid length per (layer, sequence slot).
+
+Memory is allocated once. A sequence lives in a slot; its tokens' keys/values sit at index =
+token position. Appending writes at the positions after the valid length and moves it forward;
+rollback only moves the length back (no copies): stale entries past the length are never
+attended to (the causal mask stops at the query's position) and are overwritten by the next
+append. Each layer has its own lengths because, in speculative decoding, shallow layers run
+ahead of deep ones.
+
+Lengths are control metadata and live on the CPU, so the scheduler reads them without a
+device sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class KVCache:
+    """KV tensors for layers [layer_lo, layer_hi) of a model, `num_slots` sequences.
+
+    keys[i] / values[i]: [num_slots, n_kv_heads, capacity + 1, head_dim] for layer layer_lo + i.
+    The extra last column is a scratch column: padding tokens of a ragged batch write there.
+    """
+
+    def __init__(
+        self,
+        *,
+        layer_range: tuple[int, int],
+        num_slots: int,
+        capacity: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        lo, hi = layer_range
+        if not 0 <= lo < hi:
+            raise ValueError(f"bad layer range {layer_range}")
+        if num_slots <= 0 or capacity <= 0:
+            raise ValueError("num_slots and capacity must be positive")
+        self.layer_lo, self.layer_hi = lo, hi
+        self.num_slots = num_slots
+        self.capacity = capacity
+        shape = (num_slots, num_kv_heads, capacity + 1, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
+        self.lengths = torch.zeros((hi - lo, num_slots), dtype=torch.int64)  # CPU
+
+    @property
+    def scratch_index(self) -> int:
+        return self.capacity
+
+    def _row(self, layer: int) -> int:
+        if not self.layer_lo <= layer < self.layer_hi:
+            raise IndexError(f"layer {layer} is not in this cache's range [{self.layer_lo}, {self.layer_hi})")
+        return layer - self.layer_lo
+
+    # ---- lengths -------------------------------------------------------------------------
+    def length(self, layer: int, slot: int) -> int:
+        return int(self.lengths[self._row(layer), slot])
+
+    def layer_lengths(self, layer: int) -> torch.Tensor:
+        """[num_slots] valid lengths of one layer (a view; do not mutate)."""
+        return self.lengths[self._row(layer)]
+
+    def set_lengths(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Set the valid length of `slots` in layers [lo, hi) (used after a forward appended)."""
+        lo, hi = layers
+        rows = slice(self._row(lo), self._row(hi - 1) + 1)
+        new = torch.as_tensor(lengths, dtype=torch.int64)
+        if (new < 0).any() or (new > self.capacity).any():
+            raise ValueError(f"lengths {new.tolist()} outside [0, {self.capacity}]")
+        self.lengths[rows, list(slots)] = new
+
+    def rollback(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Move the valid length of `slots` in layers [lo, hi) back to `lengths` (no copy)."""
+        lo, hi = layers
+        rows = slice(self._row(lo), self._row(hi - 1) + 1)
+        new = torch.as_tensor(lengths, dtype=torch.int64)
+        current = self.lengths[rows, list(slots)]
+        if (new > current).any():
+            raise ValueError(f"rollback cannot extend: {new.tolist()} > {current.tolist()}")
+        self.set_lengths(layers, slots, lengths)
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Forget the sequences in `slots` (all layers): the slots can take new sequences."""
+        self.lengths[:, list(slots)] = 0
+
+    # ---- tensors -------------------------------------------------------------------------
+    def write(self, layer: int, slot_index: torch.Tensor, write_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, T, n_kv_heads, head_dim] at (slot_index [B, 1], write_pos [B, T])."""
+        row = self._row(layer)
+        self.keys[row][slot_index, :, write_pos] = k
+        self.values[row][slot_index, :, write_pos] = v
+
+    def read(self, layer: int, slots: slice | torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, n_kv_heads, kv_len, head_dim] of `slots`.
+
+        A contiguous slot range is a view (no copy); a tensor of slot indices gathers (copies).
+        """
+        row = self._row(layer)
+        k, v = self.keys[row], self.values[row]
+        if isinstance(slots, slice):
+            return k[slots, :, :kv_len], v[slots, :, :kv_len]
+        return k[:, :, :kv_len].index_select(0, slots), v[:, :, :kv_len].index_select(0, slots)
+
+    def slot_tensors(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Valid keys and values [n_kv_heads, length, head_dim] of one slot (for tests, transfer)."""
+        row = self._row(layer)
+        n = int(self.lengths[row, slot])
+        return self.keys[row][slot, :, :n], self.values[row][slot, :, :n]

@@ -1,0 +1,66 @@
+"""Build an `EarlyExitModel` (or a part of one) from a local HF checkpoint directory.
+
+The module skeleton is created on the meta device (`accelerate.init_empty_weights`), so no
+memory is spent on weights the part does not own; each owned parameter is then read from disk
+by name and placed on the target device in the target dtype.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+
+from hispec.config import ModelConfig
+from hispec.model.checkpoint import CheckpointReader, tensor_map
+from hispec.model.model import EarlyExitModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: str | Path,
+    *,
+    layer_range: tuple[int, int] | None = None,
+    with_embeddings: bool = True,
+    with_head: bool = True,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> EarlyExitModel:
+    """Load layers `layer_range` (default: all) and, when asked, the embeddings and exit head.
+
+    The returned model's `loaded_tensor_names` is the set of checkpoint tensors read.
+    """
+    config = ModelConfig.from_pretrained(path)
+    dtype = resolve_dtype(dtype)
+    with init_empty_weights(include_buffers=False):
+        model = EarlyExitModel(config, layer_range, with_embeddings=with_embeddings, with_head=with_head)
+    reader = CheckpointReader(path)
+    mapping = tensor_map(config, range(*model.layer_range), embeddings=with_embeddings, head=with_head)
+    tied_head = config.tie_word_embeddings and with_embeddings and with_head
+    try:
+        for name, hf_names in mapping.items():
+            if name == "lm_head.weight" and tied_head:
+                continue  # shares the embedding Parameter, set below
+            value = torch.cat([reader.get(n) for n in hf_names], dim=0) if len(hf_names) > 1 else reader.get(hf_names[0])
+            set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)
+    finally:
+        reader.close()
+    if tied_head:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = model.inv_freq.to(device)
+    model.loaded_tensor_names = frozenset(reader.names_read)
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise RuntimeError(f"parameters left unloaded: {meta}")
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,134 @@
+"""The early-exit model: a Llama decoder whose shared final norm + LM head (the exit head) can
+read the hidden state after any layer.
+
+A model instance may own only a layer range [lo, hi) and optionally the embeddings and/or the
+head, so a pipeline stage holds exactly its share of the weights.
+
+    cache = model.new_cache(num_slots=4, capacity=512)
+    step = model.plan(cache, slots=[0], num_tokens=len(prompt))   # positions, mask, rope
+    h = model.embed(ids)                                           # [B, T, d]
+    h = model.forward_layers(h, step, cache, 0, 4)                 # layers [0, 4), writes KV
+    logits = model.exit_logits(h)                                  # exit after layer 3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hispec.config import ModelConfig
+from hispec.kv.cache import KVCache
+from hispec.model.layers import DecoderLayer, rms_norm
+from hispec.model.rope import inverse_frequencies, rotary_cos_sin
+from hispec.model.step import ForwardStep, plan_step
+
+
+class EarlyExitModel(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_range: tuple[int, int] | None = None,
+        *,
+        with_embeddings: bool = True,
+        with_head: bool = True,
+    ) -> None:
+        super().__init__()
+        lo, hi = layer_range or (0, config.num_layers)
+        if not 0 <= lo < hi <= config.num_layers:
+            raise ValueError(f"layer range [{lo}, {hi}) is not within [0, {config.num_layers})")
+        self.config = config
+        self.layer_range = (lo, hi)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d) if with_embeddings else None
+        # Keyed by the global layer index so parameter names say which layers a stage owns.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(lo, hi)})
+        self.norm = nn.Parameter(torch.ones(d)) if with_head else None
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if with_head else None
+        self.register_buffer(
+            "inv_freq", inverse_frequencies(config.rope, config.head_dim), persistent=False
+        )
+        self._ordered_layers = list(self.layers.values())  # plain list: no dict lookups per step
+
+    # ---- set-up --------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.layers.values())).qkv_proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).qkv_proj.weight.device
+
+    def new_cache(self, num_slots: int, capacity: int, layer_range: tuple[int, int] | None = None) -> KVCache:
+        """A KV cache for this model's layers (or a sub-range of them)."""
+        lo, hi = layer_range or self.layer_range
+        if not self.layer_range[0] <= lo < hi <= self.layer_range[1]:
+            raise ValueError(f"cache range [{lo}, {hi}) is outside the model's layers {self.layer_range}")
+        return KVCache(
+            layer_range=(lo, hi),
+            num_slots=num_slots,
+            capacity=capacity,
+            num_kv_heads=self.config.num_key_value_heads,
+            head_dim=self.config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def plan(
+        self, cache: KVCache, slots: Sequence[int], num_tokens: Sequence[int] | int, layer: int | None = None
+    ) -> ForwardStep:
+        """Plan a step that appends `num_tokens` to `slots` after the cache length of `layer`
+        (default: the cache's first layer)."""
+        return plan_step(cache, cache.layer_lo if layer is None else layer, slots, num_tokens, self.inv_freq, self.dtype)
+
+    # ---- forward pieces ------------------------------------------------------------------
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, d] hidden states."""
+        if self.embed_tokens is None:
+            raise RuntimeError("this model part was loaded without embeddings")
+        return self.embed_tokens(token_ids)
+
+    def forward_layers(
+        self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, lo: int, hi: int
+    ) -> torch.Tensor:
+        """Run layers [lo, hi) on hidden [B, T, d] for `step`; append their K/V to `cache` and
+        advance those layers' lengths to `step.ends`."""
+        first, last = self.layer_range
+        if not first <= lo < hi <= last:
+            raise ValueError(f"layers [{lo}, {hi}) are not owned by this model part {self.layer_range}")
+        slots = list(step.slots)
+        held = cache.lengths[lo - cache.layer_lo : hi - cache.layer_lo, slots]  # [hi-lo, B], CPU
+        if not bool((held == step.starts).all()):
+            raise ValueError(
+                f"cache lengths {held.tolist()} of layers [{lo}, {hi}) do not match the step's starts "
+                f"{step.starts.tolist()}: roll back or advance the layers first"
+            )
+        for layer in self._ordered_layers[lo - first : hi - first]:
+            hidden = layer(hidden, step, cache)
+        cache.set_lengths((lo, hi), slots, step.ends.tolist())
+        return hidden
+
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The exit head (shared final norm + LM head) on hidden states [..., d] -> [..., vocab]."""
+        if self.lm_head is None or self.norm is None:
+            raise RuntimeError("this model part was loaded without the exit head")
+        return self.lm_head(rms_norm(hidden, self.norm, self.config.rms_norm_eps))
+
+    def causal_hidden_states(self, token_ids: torch.Tensor, exits: Sequence[int]) -> list[torch.Tensor]:
+        """Cache-free forward over whole sequences [B, T] from position 0 (training, scoring).
+
+        Returns the hidden state [B, T, d] after each layer in `exits` (layer numbers counted
+        from 1, so exit `L` is the final layer's output). Needs the full model.
+        """
+        wanted = set(exits)
+        B, T = token_ids.shape
+        positions = torch.arange(T, device=token_ids.device).expand(B, T)
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.dtype)
+        hidden = self.embed(token_ids)
+        outputs = []
+        for layer in self._ordered_layers:
+            hidden = layer.forward_causal(hidden, cos, sin)
+            if layer.index + 1 in wanted:
+                outputs.append(hidden)
+        return outputs

@@ -1,0 +1,107 @@
+"""`ForwardStep`: what every layer of one batched forward shares, computed once per step.
+
+A step advances a batch of sequences (cache slots) by up to T tokens each; sequence b brings
+`num_tokens[b]` real tokens, the rest of its row is padding (a ragged batch). Positions,
+cache write indices, the attention mask and the rotary cos/sin are built here once, so the
+per-layer code only indexes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hispec.kv.cache import KVCache
+from hispec.model.rope import rotary_cos_sin
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    slots: tuple[int, ...]
+    starts: torch.Tensor  # [B] int64, CPU: valid cache length before the step
+    num_tokens: torch.Tensor  # [B] int64, CPU: real tokens per sequence (<= T)
+    slot_index: torch.Tensor  # [B, 1] device: cache row of each sequence, for writes
+    slot_read: slice | torch.Tensor  # contiguous slots read as a view, others gathered
+    write_pos: torch.Tensor  # [B, T] device: cache column per token (padding -> scratch)
+    positions: torch.Tensor  # [B, T] device: token positions (padding clamped in range)
+    kv_len: int  # keys [0, kv_len) are read; max over the batch of starts + num_tokens
+    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool (True = attend); None when not needed
+    cos: torch.Tensor  # [B, T, 1, head_dim]
+    sin: torch.Tensor  # [B, T, 1, head_dim]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def width(self) -> int:
+        return self.write_pos.shape[1]
+
+    @property
+    def ends(self) -> torch.Tensor:
+        return self.starts + self.num_tokens
+
+    def last_token_index(self) -> torch.Tensor:
+        """[B] index along T of each sequence's last real token (to pick its logits)."""
+        return (self.num_tokens - 1).to(self.write_pos.device)
+
+
+def plan_step(
+    cache: KVCache,
+    layer: int,
+    slots: Sequence[int],
+    num_tokens: Sequence[int] | int,
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
+) -> ForwardStep:
+    """Plan appending `num_tokens` to each of `slots`, after the cache length of `layer`."""
+    slots = tuple(int(s) for s in slots)
+    if not slots:
+        raise ValueError("a step needs at least one sequence")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"duplicate slots in a step: {slots}")
+    starts = cache.layer_lengths(layer)[list(slots)].clone()
+    counts = torch.full((len(slots),), num_tokens, dtype=torch.int64) if isinstance(num_tokens, int) \
+        else torch.as_tensor(num_tokens, dtype=torch.int64)
+    if counts.shape != starts.shape or (counts <= 0).any():
+        raise ValueError(f"num_tokens must be one positive count per slot, got {counts.tolist()}")
+    ends = starts + counts
+    if (ends > cache.capacity).any():
+        raise ValueError(
+            f"context length limit: sequences would reach {ends.tolist()} tokens, cache holds {cache.capacity}"
+        )
+    width = int(counts.max())
+    kv_len = int(ends.max())
+    device = cache.keys[0].device
+
+    offsets = torch.arange(width, dtype=torch.int64)
+    raw_pos = starts[:, None] + offsets  # [B, T]
+    is_pad = offsets[None, :] >= counts[:, None]
+    write_pos = torch.where(is_pad, cache.scratch_index, raw_pos)
+    positions = raw_pos.clamp(max=cache.capacity - 1)
+
+    ragged = bool((starts != starts[0]).any() or (counts != width).any())
+    mask = None
+    if width > 1 or ragged:
+        key_pos = torch.arange(kv_len, dtype=torch.int64)
+        mask = (key_pos[None, None, None, :] <= positions[:, None, :, None]).to(device)
+
+    first = slots[0]
+    contiguous = slots == tuple(range(first, first + len(slots)))
+    slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
+    cos, sin = rotary_cos_sin(positions, inv_freq, dtype)
+    return ForwardStep(
+        slots=slots,
+        starts=starts,
+        num_tokens=counts,
+        slot_index=slot_tensor[:, None],
+        slot_read=slice(first, first + len(slots)) if contiguous else slot_tensor,
+        write_pos=write_pos.to(device),
+        positions=positions.to(device),
+        kv_len=kv_len,
+        mask=mask,
+        cos=cos.to(device),
+        sin=sin.to(device),
+    )
