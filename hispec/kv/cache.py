@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    from hispec.model.step import ForwardStep
 
 class KVCache:
     """KV tensors for layers [layer_lo, layer_hi) of a model, `num_slots` sequences.
@@ -90,11 +94,16 @@ class KVCache:
         self.lengths[:, list(slots)] = 0
 
     # ---- tensors -------------------------------------------------------------------------
-    def write(self, layer: int, slot_index: torch.Tensor, write_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, T, n_kv_heads, head_dim] at (slot_index [B, 1], write_pos [B, T])."""
+    def write(self, layer: int, step: "ForwardStep", k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, T, n_kv_heads, head_dim] of a step at its tokens' positions."""
         row = self._row(layer)
-        self.keys[row][slot_index, :, write_pos] = k
-        self.values[row][slot_index, :, write_pos] = v
+        if step.uniform_write is not None:  # one block: a strided copy, no scatter
+            slots, columns = step.uniform_write
+            self.keys[row][slots, :, columns] = k.transpose(1, 2)
+            self.values[row][slots, :, columns] = v.transpose(1, 2)
+        else:
+            self.keys[row][step.slot_index, :, step.write_pos] = k
+            self.values[row][step.slot_index, :, step.write_pos] = v
 
     def read(self, layer: int, slots: slice | torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, n_kv_heads, kv_len, head_dim] of `slots`.

@@ -25,6 +25,9 @@ class ForwardStep:
     slot_index: torch.Tensor  # [B, 1] device: cache row of each sequence, for writes
     slot_read: slice | torch.Tensor  # contiguous slots read as a view, others gathered
     write_pos: torch.Tensor  # [B, T] device: cache column per token (padding -> scratch)
+    # (slots, columns) when the step writes one rectangular block: contiguous slots, same
+    # start, no padding (every decode step of a single sequence, any prefill of one).
+    uniform_write: tuple[slice, slice] | None
     positions: torch.Tensor  # [B, T] device: token positions (padding clamped in range)
     kv_len: int  # keys [0, kv_len) are read; max over the batch of starts + num_tokens
     mask: torch.Tensor | None  # [B, 1, T, kv_len] bool (True = attend); None when not needed
@@ -91,6 +94,8 @@ def plan_step(
     first = slots[0]
     contiguous = slots == tuple(range(first, first + len(slots)))
     slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
+    start = int(starts[0])
+    uniform = contiguous and not ragged
     cos, sin = rotary_cos_sin(positions, inv_freq, dtype)
     return ForwardStep(
         slots=slots,
@@ -99,6 +104,7 @@ def plan_step(
         slot_index=slot_tensor[:, None],
         slot_read=slice(first, first + len(slots)) if contiguous else slot_tensor,
         write_pos=write_pos.to(device),
+        uniform_write=(slice(first, first + len(slots)), slice(start, start + width)) if uniform else None,
         positions=positions.to(device),
         kv_len=kv_len,
         mask=mask,

@@ -1,0 +1,1 @@
+"""Benchmarks (not timed tests): runtime micro-benchmarks now; the method benchmark later."""

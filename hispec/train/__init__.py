@@ -1,0 +1,2 @@
+"""LayerSkip-style training of small early-exit Llama models on CPU (tokenizer, data, recipe,
+exit evaluation)."""
