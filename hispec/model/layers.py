@@ -43,10 +43,23 @@ class DecoderLayer(nn.Module):
         q, k, v = self._project_qkv(x, step.cos, step.sin)
         cache.write(self.index, step, k, v)
         keys, values = cache.read(self.index, step.slot_read, step.kv_len)  # [B, Hkv, kv_len, D]
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=step.mask, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if step.mask is None and q.shape[1] == 1:
+            attn = self._decode_attention(q, keys, values)
+        else:
+            attn = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=step.mask, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self._output_and_mlp(x, attn)
+
+    def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One query per sequence attending to all its keys (no mask): three kernels instead of
+        SDPA's dispatch, which dominates at this size. Query heads sharing a KV head are stacked
+        so GQA needs no key expansion. q [B, 1, H, D] -> [B, H, 1, D]."""
+        B, _, H, D = q.shape
+        q = q.reshape(B, self.n_kv_heads, H // self.n_kv_heads, D)  # [B, Hkv, G, D]
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * D**-0.5  # [B, Hkv, G, kv_len]
+        attn = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype), values)  # [B, Hkv, G, D]
+        return attn.reshape(B, H, 1, D)
 
     def forward_causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Cache-free causal forward over whole sequences [B, T, d] (training, scoring)."""
