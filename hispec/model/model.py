@@ -21,7 +21,7 @@ from torch import nn
 from hispec.config import ModelConfig
 from hispec.kv.cache import KVCache
 from hispec.model.layers import DecoderLayer, rms_norm
-from hispec.model.rope import inverse_frequencies, rotary_cos_sin
+from hispec.model.rope import RotaryTable, inverse_frequencies, rotary_cos_sin
 from hispec.model.step import ForwardStep, plan_step
 
 
@@ -50,6 +50,7 @@ class EarlyExitModel(nn.Module):
             "inv_freq", inverse_frequencies(config.rope, config.head_dim), persistent=False
         )
         self._ordered_layers = list(self.layers.values())  # plain list: no dict lookups per step
+        self._rotary: RotaryTable | None = None
 
     # ---- set-up --------------------------------------------------------------------------
     @property
@@ -80,7 +81,9 @@ class EarlyExitModel(nn.Module):
     ) -> ForwardStep:
         """Plan a step that appends `num_tokens` to `slots` after the cache length of `layer`
         (default: the cache's first layer)."""
-        return plan_step(cache, cache.layer_lo if layer is None else layer, slots, num_tokens, self.inv_freq, self.dtype)
+        if self._rotary is None or self._rotary.dtype != self.dtype or self._rotary.inv_freq is not self.inv_freq:
+            self._rotary = RotaryTable(self.inv_freq, self.dtype)  # (re)built after loading / .to()
+        return plan_step(cache, cache.layer_lo if layer is None else layer, slots, num_tokens, self._rotary)
 
     # ---- forward pieces ------------------------------------------------------------------
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:

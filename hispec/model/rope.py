@@ -56,3 +56,26 @@ def rotary_cos_sin(
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; cos/sin: [B, T, 1, D] from `rotary_cos_sin`."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+class RotaryTable:
+    """cos/sin rows for positions [0, n) in the model's dtype and device, grown on demand.
+
+    A decode step then costs two row gathers instead of recomputing the trigonometry.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype) -> None:
+        self.inv_freq = inv_freq
+        self.dtype = dtype
+        self.cos = self.sin = torch.empty(0)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (CPU int64) -> cos, sin [B, T, 1, head_dim] on the table's device."""
+        needed = int(positions.max()) + 1
+        if needed > self.cos.shape[0]:
+            size = max(needed, 2 * self.cos.shape[0], 256)
+            rows = torch.arange(size, device=self.inv_freq.device)[None, :]
+            cos, sin = rotary_cos_sin(rows, self.inv_freq, self.dtype)  # [1, size, 1, D]
+            self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]
+        index = positions.to(self.cos.device)
+        return self.cos[index][:, :, None, :], self.sin[index][:, :, None, :]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hispec.kv.cache import KVCache
-from hispec.model.rope import rotary_cos_sin
+from hispec.model.rope import RotaryTable
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,7 @@ def plan_step(
     layer: int,
     slots: Sequence[int],
     num_tokens: Sequence[int] | int,
-    inv_freq: torch.Tensor,
-    dtype: torch.dtype,
+    rotary: RotaryTable,
 ) -> ForwardStep:
     """Plan appending `num_tokens` to each of `slots`, after the cache length of `layer`."""
     slots = tuple(int(s) for s in slots)
@@ -96,7 +95,7 @@ def plan_step(
     slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
     start = int(starts[0])
     uniform = contiguous and not ragged
-    cos, sin = rotary_cos_sin(positions, inv_freq, dtype)
+    cos, sin = rotary.lookup(positions)
     return ForwardStep(
         slots=slots,
         starts=starts,
@@ -108,6 +107,6 @@ def plan_step(
         positions=positions.to(device),
         kv_len=kv_len,
         mask=mask,
-        cos=cos.to(device),
-        sin=sin.to(device),
+        cos=cos,
+        sin=sin,
     )
