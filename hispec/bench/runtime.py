@@ -74,12 +74,12 @@ def decode_hf(model, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], 
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    logits = model(prompt, past_key_values=cache, use_cache=True).logits
+    logits = model(prompt, cache=cache, use_cache=True).logits
     token = logits[:, -1].argmax(-1, keepdim=True)
     out = [int(token)]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, cache=cache, use_cache=True).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(token))
     return out, (time.perf_counter() - start) / (new_tokens - 1)
