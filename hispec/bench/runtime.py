@@ -113,22 +113,29 @@ def run(cfg: RuntimeBenchConfig) -> dict:
         for dtype_name in cfg.dtypes:
             dtype = resolve_dtype(dtype_name)
             ours = load_model(tmp, dtype=dtype)
+            compiled = load_model(tmp, dtype=dtype).compile_layers()
+            decode_ours(compiled, prompt, cfg.new_tokens)  # compile (excluded from timing)
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="eager").eval()
-            ours_ms, hf_ms, same = [], [], True
+            ours_ms, compiled_ms, hf_ms, same = [], [], [], True
             for _ in tqdm(range(cfg.repeats), desc=f"decode {dtype_name}", unit="rep"):
                 tokens_ours, s_ours = decode_ours(ours, prompt, cfg.new_tokens)
+                tokens_compiled, s_compiled = decode_ours(compiled, prompt, cfg.new_tokens)
                 tokens_hf, s_hf = decode_hf(hf, prompt, cfg.new_tokens)
                 ours_ms.append(s_ours * 1e3)
+                compiled_ms.append(s_compiled * 1e3)
                 hf_ms.append(s_hf * 1e3)
-                same &= tokens_ours == tokens_hf
+                same &= tokens_ours == tokens_hf == tokens_compiled
             context = cfg.prompt_len + cfg.new_tokens
             one = forward_cost(ours, context, 1)
             k = forward_cost(ours, context, cfg.verify_tokens)
             results["dtypes"][dtype_name] = {
                 "ours_ms_per_token": statistics.median(ours_ms),
+                "compiled_ms_per_token": statistics.median(compiled_ms),
                 "hf_ms_per_token": statistics.median(hf_ms),
                 "speedup_vs_hf": statistics.median(hf_ms) / statistics.median(ours_ms),
+                "compiled_speedup_vs_hf": statistics.median(hf_ms) / statistics.median(compiled_ms),
                 "ours_ms_per_token_runs": ours_ms,
+                "compiled_ms_per_token_runs": compiled_ms,
                 "hf_ms_per_token_runs": hf_ms,
                 "greedy_tokens_identical": same,
                 "forward_1_token_ms": one * 1e3,
@@ -148,8 +155,10 @@ def plot(results: dict, path: Path) -> None:
     names = list(results["dtypes"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     xs = range(len(names))
-    a.bar([x - 0.2 for x in xs], [results["dtypes"][n]["hf_ms_per_token"] for n in names], 0.4, label="transformers eager")
-    a.bar([x + 0.2 for x in xs], [results["dtypes"][n]["ours_ms_per_token"] for n in names], 0.4, label="hispec runtime")
+    series = [("hf_ms_per_token", "transformers eager"), ("ours_ms_per_token", "hispec eager"),
+              ("compiled_ms_per_token", "hispec compiled")]
+    for i, (key, label) in enumerate(series):
+        a.bar([x + (i - 1) * 0.27 for x in xs], [results["dtypes"][n][key] for n in names], 0.27, label=label)
     a.set_xticks(list(xs), names)
     a.set_ylabel("ms per decoded token (median)")
     a.set_title("decode step, batch 1")
@@ -179,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "runtime.png")
     k = results["config"]["verify_tokens"]
-    print(f"{'dtype':10} {'ours ms/tok':>12} {'hf ms/tok':>10} {'speedup':>8} {k}-vs-1 fwd  same-tokens")
+    print(f"{'dtype':10} {'ours ms/tok':>12} {'compiled':>9} {'hf ms/tok':>10} {'speedup':>8} {'compiled':>9}"
+          f" {k}-vs-1 fwd  same-tokens")
     for name, r in results["dtypes"].items():
-        print(f"{name:10} {r['ours_ms_per_token']:12.2f} {r['hf_ms_per_token']:10.2f} {r['speedup_vs_hf']:8.2f}x"
+        print(f"{name:10} {r['ours_ms_per_token']:12.2f} {r['compiled_ms_per_token']:9.2f} {r['hf_ms_per_token']:10.2f}"
+              f" {r['speedup_vs_hf']:8.2f}x {r['compiled_speedup_vs_hf']:8.2f}x"
               f" {r[f'verify_{k}_vs_1_ratio']:10.2f}x  {r['greedy_tokens_identical']}")
     print(f"wrote {out / 'results.json'} and {out / 'runtime.png'}")
     return 0

@@ -107,10 +107,25 @@ class EarlyExitModel(nn.Module):
                 f"cache lengths {held.tolist()} of layers [{lo}, {hi}) do not match the step's starts "
                 f"{step.starts.tolist()}: roll back or advance the layers first"
             )
-        for layer in self._ordered_layers[lo - first : hi - first]:
-            hidden = layer(hidden, step, cache)
+        hidden = self._run_layers(hidden, step, cache, lo - first, hi - first)
         cache.set_lengths((lo, hi), slots, step.ends.tolist())
         return hidden
+
+    def _run_layers(self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int) -> torch.Tensor:
+        for layer in self._ordered_layers[start:stop]:
+            hidden = layer(hidden, step, cache)
+        return hidden
+
+    def compile_layers(self) -> "EarlyExitModel":
+        """Compile the layer loop with torch.compile (inductor), once per distinct layer range.
+
+        At small batch, a decode step is bound by dispatching ~40 small ops per layer; fused
+        kernels remove most of that. Shapes are dynamic (context length grows every step), so
+        a range compiles once (tens of seconds on a CPU) and is reused. Off by default: tests
+        and short jobs do not pay the compile.
+        """
+        self._run_layers = torch.compile(self._run_layers, dynamic=True)
+        return self
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The exit head (shared final norm + LM head) on hidden states [..., d] -> [..., vocab]."""

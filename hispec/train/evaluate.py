@@ -18,6 +18,7 @@ import torch
 
 from hispec.model import load_model
 from hispec.model.model import EarlyExitModel
+from hispec.models import DEFAULT_MODEL
 from hispec.train import data as data_mod
 from hispec.train.tokenizer import load_tokenizer, special_ids
 
@@ -120,7 +121,7 @@ def _prompts(tok, docs, bos_id: int, count: int, length: int) -> torch.Tensor | 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hispec eval-exits", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint directory (default: bundled)")
     parser.add_argument("--files", nargs="*", default=None, help="held-out files (default: the training split's)")
     parser.add_argument("--data", default=None, help="corpus source if it moved since training")
     parser.add_argument("--seq-len", type=int, default=256)
