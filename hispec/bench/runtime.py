@@ -116,7 +116,8 @@ def run(cfg: RuntimeBenchConfig) -> dict:
             compiled = load_model(tmp, dtype=dtype).compile_layers()
             decode_ours(compiled, prompt, cfg.new_tokens)  # compile (excluded from timing)
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="eager").eval()
-            ours_ms, compiled_ms, hf_ms, same = [], [], [], True
+            ours_ms, compiled_ms, hf_ms = [], [], []
+            same_as_hf = same_compiled = True
             for _ in tqdm(range(cfg.repeats), desc=f"decode {dtype_name}", unit="rep"):
                 tokens_ours, s_ours = decode_ours(ours, prompt, cfg.new_tokens)
                 tokens_compiled, s_compiled = decode_ours(compiled, prompt, cfg.new_tokens)
@@ -124,7 +125,8 @@ def run(cfg: RuntimeBenchConfig) -> dict:
                 ours_ms.append(s_ours * 1e3)
                 compiled_ms.append(s_compiled * 1e3)
                 hf_ms.append(s_hf * 1e3)
-                same &= tokens_ours == tokens_hf == tokens_compiled
+                same_as_hf &= tokens_ours == tokens_hf
+                same_compiled &= tokens_compiled == tokens_ours
             context = cfg.prompt_len + cfg.new_tokens
             one = forward_cost(ours, context, 1)
             k = forward_cost(ours, context, cfg.verify_tokens)
@@ -137,7 +139,10 @@ def run(cfg: RuntimeBenchConfig) -> dict:
                 "ours_ms_per_token_runs": ours_ms,
                 "compiled_ms_per_token_runs": compiled_ms,
                 "hf_ms_per_token_runs": hf_ms,
-                "greedy_tokens_identical": same,
+                # bf16 rounding differs between implementations, so near-ties may flip there;
+                # fp32 is the reference for equality.
+                "greedy_tokens_identical_to_hf": same_as_hf,
+                "compiled_tokens_identical_to_eager": same_compiled,
                 "forward_1_token_ms": one * 1e3,
                 f"forward_{cfg.verify_tokens}_tokens_ms": k * 1e3,
                 f"verify_{cfg.verify_tokens}_vs_1_ratio": k / one,
@@ -189,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, out / "runtime.png")
     k = results["config"]["verify_tokens"]
     print(f"{'dtype':10} {'ours ms/tok':>12} {'compiled':>9} {'hf ms/tok':>10} {'speedup':>8} {'compiled':>9}"
-          f" {k}-vs-1 fwd  same-tokens")
+          f" {k}-vs-1 fwd  same-as-hf  compiled-same")
     for name, r in results["dtypes"].items():
         print(f"{name:10} {r['ours_ms_per_token']:12.2f} {r['compiled_ms_per_token']:9.2f} {r['hf_ms_per_token']:10.2f}"
               f" {r['speedup_vs_hf']:8.2f}x {r['compiled_speedup_vs_hf']:8.2f}x"
-              f" {r[f'verify_{k}_vs_1_ratio']:10.2f}x  {r['greedy_tokens_identical']}")
+              f" {r[f'verify_{k}_vs_1_ratio']:10.2f}x  {r['greedy_tokens_identical_to_hf']!s:10} {r['compiled_tokens_identical_to_eager']}")
     print(f"wrote {out / 'results.json'} and {out / 'runtime.png'}")
     return 0
 
