@@ -14,13 +14,13 @@ device sync.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from hispec.model.step import ForwardStep
+
 
 class KVCache:
     """KV tensors for layers [layer_lo, layer_hi) of a model, `num_slots` sequences.
@@ -97,10 +97,9 @@ class KVCache:
     def write(self, layer: int, step: "ForwardStep", k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [B, T, n_kv_heads, head_dim] of a step at its tokens' positions."""
         row = self._row(layer)
-        if step.uniform_write is not None:  # one block: a strided copy, no scatter
-            slots, columns = step.uniform_write
-            self.keys[row][slots, :, columns] = k.transpose(1, 2)
-            self.values[row][slots, :, columns] = v.transpose(1, 2)
+        if step.uniform_columns is not None:  # one block: a strided copy, no scatter
+            self.keys[row][step.slot_read, :, step.uniform_columns] = k.transpose(1, 2)
+            self.values[row][step.slot_read, :, step.uniform_columns] = v.transpose(1, 2)
         else:
             self.keys[row][step.slot_index, :, step.write_pos] = k
             self.values[row][step.slot_index, :, step.write_pos] = v

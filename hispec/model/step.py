@@ -25,9 +25,10 @@ class ForwardStep:
     slot_index: torch.Tensor  # [B, 1] device: cache row of each sequence, for writes
     slot_read: slice | torch.Tensor  # contiguous slots read as a view, others gathered
     write_pos: torch.Tensor  # [B, T] device: cache column per token (padding -> scratch)
-    # (slots, columns) when the step writes one rectangular block: contiguous slots, same
-    # start, no padding (every decode step of a single sequence, any prefill of one).
-    uniform_write: tuple[slice, slice] | None
+    # The cache columns written when the step is one rectangular block (contiguous slots,
+    # i.e. `slot_read` is a slice; same start; no padding): every decode step or prefill of
+    # a single sequence. None otherwise (writes scatter through slot_index / write_pos).
+    uniform_columns: slice | None
     positions: torch.Tensor  # [B, T] device: token positions (padding clamped in range)
     kv_len: int  # keys [0, kv_len) are read; max over the batch of starts + num_tokens
     mask: torch.Tensor | None  # [B, 1, T, kv_len] bool (True = attend); None when not needed
@@ -103,7 +104,7 @@ def plan_step(
         slot_index=slot_tensor[:, None],
         slot_read=slice(first, first + len(slots)) if contiguous else slot_tensor,
         write_pos=write_pos.to(device),
-        uniform_write=(slice(first, first + len(slots)), slice(start, start + width)) if uniform else None,
+        uniform_columns=slice(start, start + width) if uniform else None,
         positions=positions.to(device),
         kv_len=kv_len,
         mask=mask,
