@@ -1,0 +1,406 @@
+"""The HiSpec engine: one batched decoding loop for every hierarchy depth (AR, LayerSkip, HiSpec, deeper).
+
+Each `step()`:
+  1. admits waiting requests into free KV slots and prefills them (all layers; the target's
+     distribution gives their first token);
+  2. asks every running sequence for its next action (`SequenceState.next_action`): draft one
+     token (level 0), or verify at level k the tokens level k-1 holds beyond level k's;
+  3. sweeps the levels bottom-up. Level j runs its layers [e_{j-1}, e_j) once, as one ragged
+     batch, on every sequence that needs them this step: drafters (level 0), sequences being
+     verified at level j (their waiting tokens), and "catch-up" feeds of one token for
+     sequences verified higher up (the last token of a chain was never run: its
+     distribution was not needed until now). Level j's input is level j-1's output kept in a
+     ring buffer at exit e_{j-1}: layers below are never re-run;
+  4. decides: drafters sample a proposal; verifiers accept a prefix plus one recovered/bonus
+     token (rejection sampling, or argmax matching when greedy), roll the KV lengths of all
+     layers up to their exit back to the surviving chain, and truncate the lower chains;
+     the target's verdict commits tokens and applies stop conditions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hispec.model.model import EarlyExitModel
+from hispec.spec.hierarchy import Hierarchy
+from hispec.spec.rejection import RejectionSampler, Verdict, verify_greedy
+from hispec.spec.request import GenerationResult, Request, StepOutput, cut_at_stop
+from hispec.spec.sampling import SAMPLE, keyed_uniform, processed_probs, sample_from
+from hispec.spec.state import SequenceState
+from hispec.spec.stats import RequestStats
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16  # sequences decoded together (KV cache slots)
+    max_context: int | None = None  # tokens per sequence (prompt + new); default: the model's limit
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per step (at least one request)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError("max_context must be >= 2")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
+
+
+@dataclass
+class Feed:
+    """Tokens [start, start + count) of one sequence run through one level's layers."""
+
+    seq: SequenceState
+    start: int
+    count: int
+    wants_logits: bool  # False for catch-up feeds: only their hidden state is needed
+
+
+@dataclass
+class LevelLogits:
+    """The exit head's output for one level's feeds that asked for it."""
+
+    rows: dict[int, int]  # slot -> first row in `argmax` / `logits`
+    logits: torch.Tensor  # [N, V]
+    argmax: list[int]  # [N] (host sync)
+    probs: dict[int, torch.Tensor]  # slot -> processed probabilities [count, V] (sampled requests only)
+
+
+class SpecEngine:
+    def __init__(
+        self,
+        model: EarlyExitModel,
+        hierarchy: Hierarchy,
+        config: EngineConfig = EngineConfig(),
+        *,
+        detokenize: Callable[[Sequence[int]], str] | None = None,
+        verifier: RejectionSampler | None = None,
+    ) -> None:
+        L = model.config.num_layers
+        if model.layer_range != (0, L) or model.embed_tokens is None or model.lm_head is None:
+            raise ValueError("the engine needs the whole model (all layers, embeddings and head)")
+        if hierarchy.num_layers != L:
+            raise ValueError(f"hierarchy is for {hierarchy.num_layers} layers, the model has {L}")
+        self.model, self.hierarchy, self.config = model, hierarchy, config
+        self.detokenize = detokenize
+        self.verifier = verifier or RejectionSampler()
+        self.capacity = min(config.max_context or model.config.max_position_embeddings,
+                            model.config.max_position_embeddings)
+        self.cache = model.new_cache(num_slots=config.max_batch_size, capacity=self.capacity)
+        K, W = hierarchy.depth, hierarchy.window
+        slots, d = config.max_batch_size, model.config.hidden_size
+        # Hidden states at exit e_j of tokens level j ran that level j+1 has not: [slots, W + 1, d],
+        # indexed by position % W; column W takes the padding of ragged batches.
+        self.hidden_rings = [torch.zeros(slots, W + 1, d, dtype=model.dtype, device=model.device) for _ in range(K)]
+        # Level j's processed distribution at each of its unverified positions [slots, W, V]
+        # (fp32; allocated on the first sampled request).
+        self.prob_rings: list[torch.Tensor] | None = None
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, SequenceState] = {}
+        self.free_slots = list(range(slots))
+        self._callbacks: dict[str, Callable[[list[int]], None]] = {}
+        self.total_stats = RequestStats.total(hierarchy, [])
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request: Request) -> str:
+        """Queue a request; it joins the running batch at the next step with a free slot."""
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise ValueError(f"prompt_ids: token ids must be in [0, {vocab})")
+        if request.max_new_tokens > 0 and len(request.prompt_ids) >= self.capacity:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in the "
+                             f"{self.capacity}-token context")
+        if request.stop_strings and self.detokenize is None:
+            raise ValueError("stop strings need an engine built with a detokenize function")
+        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.waiting.append(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> GenerationResult | None:
+        """Drop a waiting or running request; its slot is freed at once."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return GenerationResult(request_id, request.prompt_ids, [], "abort", RequestStats.empty(self.hierarchy))
+        seq = self.running.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        return self._finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def generate(self, requests: Iterable[Request]) -> list[GenerationResult]:
+        """Run requests to completion (batched); results in the order given."""
+        order = [self.add_request(r) for r in requests]
+        results: dict[str, GenerationResult] = {}
+        while len(results) < len(order):
+            for out in self.step():
+                if out.result is not None:
+                    results[out.request_id] = out.result
+        return [results[i] for i in order]
+
+    # ---- the step ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        active = list(self.running.values())  # admitted this step: prefill only
+        outputs = self._admit_and_prefill()
+        if active:
+            actions = {seq.slot: seq.next_action(self.hierarchy) for seq in active}
+            feeds = self._plan_feeds(active, actions)
+            level_logits = [self._run_level(level, level_feeds) for level, level_feeds in enumerate(feeds)]
+            for seq in active:
+                level = actions[seq.slot]
+                if level == 0:
+                    self._draft(seq, level_logits[0])
+                else:
+                    self._verify(seq, level, level_logits[level])
+                if seq.accepted[-1] > seq.committed_before_step:
+                    outputs.append(self._commit(seq))
+        for out in outputs:  # side effects last, outside the model's path
+            callback = self._callbacks.pop(out.request_id, None) if out.finished else self._callbacks.get(out.request_id)
+            if callback is not None and out.new_token_ids:
+                callback(out.new_token_ids)
+        return outputs
+
+    def _plan_feeds(self, active: list[SequenceState], actions: dict[int, int]) -> list[list[Feed]]:
+        """Per level, what each sequence runs through that level's layers this step."""
+        feeds: list[list[Feed]] = [[] for _ in range(self.hierarchy.depth + 1)]
+        for seq in sorted(active, key=lambda s: s.slot):  # slot order: contiguous slots read as views
+            seq.committed_before_step = seq.committed
+            k = actions[seq.slot]
+            if k == 0:
+                feeds[0].append(Feed(seq, seq.accepted[0] - 1, 1, True))
+                continue
+            bonus = not seq.closed(k - 1)  # a bonus token needs the distribution after the last token
+            end = seq.accepted[k - 1] if bonus else seq.accepted[k - 1] - 1
+            if bonus:
+                for j in range(k):
+                    feeds[j].append(Feed(seq, end - 1, 1, False))
+            feeds[k].append(Feed(seq, seq.fed[k], end - seq.fed[k], True))
+        return feeds
+
+    def _run_level(self, level: int, feeds: list[Feed]) -> LevelLogits | None:
+        """One ragged forward of level `level`'s layers over `feeds`; exit head on the rows asked for."""
+        if not feeds:
+            return None
+        model, W, K = self.model, self.hierarchy.window, self.hierarchy.depth
+        lo, hi = self.hierarchy.layer_range(level)
+        slots = [f.seq.slot for f in feeds]
+        step = model.plan(self.cache, slots, [f.count for f in feeds], layer=lo)
+        T = step.width
+        if step.starts.tolist() != [f.start for f in feeds]:
+            raise RuntimeError(f"level {level}: cache lengths {step.starts.tolist()} != planned starts")
+        columns = torch.tensor([[(f.start + t) % W if t < f.count else W for t in range(T)] for f in feeds],
+                               device=model.device)  # [B, T] ring columns (padding -> W)
+        slot_index = step.slot_index  # [B, 1]
+        if level == 0:
+            ids = [f.seq.tokens[f.start : f.start + f.count] + [0] * (T - f.count) for f in feeds]
+            hidden = model.embed(torch.tensor(ids, device=model.device))
+        else:
+            hidden = self.hidden_rings[level - 1][slot_index, columns]  # [B, T, d]
+        hidden = model.forward_layers(hidden, step, self.cache, lo, hi)  # [B, T, d]
+        if level < K:
+            self.hidden_rings[level][slot_index, columns] = hidden
+        for f in feeds:
+            f.seq.fed[level] += f.count
+            f.seq.stats.layer_forwards += hi - lo
+            f.seq.stats.layer_token_passes += (hi - lo) * f.count
+            if level == K:
+                f.seq.stats.target_passes += 1
+
+        wanted = [(b, f) for b, f in enumerate(feeds) if f.wants_logits]
+        if not wanted:
+            return None
+        flat = [b * T + t for b, f in wanted for t in range(f.count)]
+        logits = model.exit_logits(hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=model.device)])
+        rows, probs, row = {}, {}, 0
+        for _, f in wanted:
+            rows[f.seq.slot] = row
+            row += f.count
+        sampled = [f for _, f in wanted if not f.seq.sampling.greedy]
+        if sampled:
+            index = torch.tensor([rows[f.seq.slot] + t for f in sampled for t in range(f.count)], device=model.device)
+            params = [f.seq.sampling for f in sampled for _ in range(f.count)]
+            all_probs = processed_probs(logits[index], params).split([f.count for f in sampled])
+            probs = {f.seq.slot: p for f, p in zip(sampled, all_probs)}
+        return LevelLogits(rows, logits, logits.argmax(-1).tolist(), probs)  # host sync
+
+    # ---- decisions -----------------------------------------------------------------------
+    def _draft(self, seq: SequenceState, out: LevelLogits) -> None:
+        """Level 0 proposes the token after its chain (for K = 0 this is the output)."""
+        position = seq.accepted[0]
+        if seq.sampling.greedy:
+            token = out.argmax[out.rows[seq.slot]]
+        else:
+            q = out.probs[seq.slot][0]
+            token = sample_from(q, keyed_uniform(seq.sampling.seed, 0, position, seq.attempts[0], SAMPLE))
+            if self.hierarchy.depth:
+                self.prob_rings[0][seq.slot, position % self.hierarchy.window] = q
+        seq.attempts[0] += 1
+        seq.stats.levels[0].proposed += 1
+        seq.stats.levels[0].rounds += 1
+        seq.tokens.append(token)
+        seq.accepted[0] += 1
+
+    def _verify(self, seq: SequenceState, k: int, out: LevelLogits) -> None:
+        """Level k checks the tokens level k-1 holds beyond its own chain."""
+        W, start = self.hierarchy.window, seq.accepted[k]
+        proposals = seq.tokens[start : seq.accepted[k - 1]]
+        first_row = out.rows[seq.slot]
+        n_rows = seq.fed[k] - (start - 1)  # this level's distributions at positions start, start + 1, ...
+        if seq.sampling.greedy:
+            verdict = verify_greedy(proposals, out.argmax[first_row : first_row + n_rows])
+        else:
+            p = out.probs[seq.slot]
+            columns = [(start + i) % W for i in range(len(proposals))]
+            q = self.prob_rings[k - 1][seq.slot, columns]  # [n, V]
+            seed, attempt = seq.sampling.seed, seq.attempts[k]
+            verdict = self.verifier.verify(
+                proposals, p, q, lambda i, purpose: keyed_uniform(seed, k, start + i, attempt, purpose)
+            )
+        seq.attempts[k] += 1
+        level_stats = seq.stats.levels[k]
+        level_stats.proposed += len(proposals)
+        level_stats.accepted += verdict.accepted
+        level_stats.rounds += 1
+        self._apply_verdict(seq, k, verdict)
+        if not seq.sampling.greedy and k < self.hierarchy.depth:
+            kept = seq.accepted[k] - start  # this level's rows at the kept positions are the next level's q
+            self.prob_rings[k][seq.slot, [(start + i) % W for i in range(kept)]] = out.probs[seq.slot][:kept]
+
+    def _apply_verdict(self, seq: SequenceState, k: int, verdict: Verdict) -> None:
+        """Level k's chain becomes its accepted prefix + the recovered/bonus token; every level
+        at or below k continues from it: their KV lengths roll back to the new chain minus its
+        last token (not yet run through any layer)."""
+        start = seq.accepted[k]
+        kept = start + verdict.accepted
+        del seq.tokens[kept:]
+        if verdict.next_token is not None:
+            seq.tokens.append(verdict.next_token)
+        new_len = len(seq.tokens)
+        for j in range(k + 1):
+            seq.accepted[j] = new_len
+            seq.fed[j] = new_len - 1
+        self.cache.rollback((0, self.hierarchy.layer_range(k)[1]), [seq.slot], [new_len - 1])
+
+    def _commit(self, seq: SequenceState) -> StepOutput:
+        """Apply stop conditions to tokens the target just committed; finish if one holds."""
+        before = seq.committed_before_step
+        generated = seq.generated()
+        if seq.request.stop_strings:
+            seq_stop = self._find_stop_string(seq, generated, before - seq.prompt_len)
+            if seq_stop is not None:
+                count, seq.stop_string = seq_stop
+                del seq.tokens[seq.prompt_len + count :]
+                for j in range(len(seq.accepted)):
+                    seq.accepted[j] = min(seq.accepted[j], len(seq.tokens))
+                seq.finish_reason = "stop"
+        new = seq.tokens[before : seq.committed]
+        seq.stats.new_tokens = seq.committed - seq.prompt_len
+        if seq.finish_reason is None:
+            if seq.tokens[seq.committed - 1] in seq.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.stats.new_tokens >= seq.request.max_new_tokens:
+                seq.finish_reason = "length"
+            elif seq.committed >= seq.limit:
+                seq.finish_reason = "context"
+        if seq.finish_reason is not None:
+            return StepOutput(seq.request.request_id, new, self._finish(seq))
+        return StepOutput(seq.request.request_id, new)
+
+    def _find_stop_string(self, seq: SequenceState, generated: list[int], seen: int) -> tuple[int, str] | None:
+        """(tokens to keep, stop string) for the first stop string completed after `seen` tokens."""
+        if cut_at_stop(self.detokenize(generated), seq.request.stop_strings)[1] is None:
+            return None
+        for count in range(max(seen, 1), len(generated) + 1):  # the fewest tokens that show it
+            _, stop = cut_at_stop(self.detokenize(generated[:count]), seq.request.stop_strings)
+            if stop is not None:
+                return count, stop
+        return None
+
+    def _finish(self, seq: SequenceState) -> GenerationResult:
+        del self.running[seq.request.request_id]
+        self.cache.release([seq.slot])
+        self.free_slots.append(seq.slot)
+        seq.stats.new_tokens = seq.committed - seq.prompt_len
+        self.total_stats = RequestStats.total(self.hierarchy, [self.total_stats, seq.stats])
+        return GenerationResult(seq.request.request_id, seq.request.prompt_ids, seq.generated(),
+                                seq.finish_reason, seq.stats, seq.stop_string)
+
+    # ---- admission -------------------------------------------------------------------------
+    def _admit_and_prefill(self) -> list[StepOutput]:
+        outputs, admitted, budget = [], [], self.config.max_prefill_tokens
+        while self.waiting and self.free_slots:
+            request = self.waiting[0]
+            if admitted and len(request.prompt_ids) > budget:
+                break
+            self.waiting.popleft()
+            if request.max_new_tokens == 0:
+                outputs.append(StepOutput(request.request_id, [], GenerationResult(
+                    request.request_id, request.prompt_ids, [], "length", RequestStats.empty(self.hierarchy))))
+                continue
+            budget -= len(request.prompt_ids)
+            admitted.append(self._new_sequence(request))
+        if admitted:
+            outputs += self._prefill(admitted)
+        return outputs
+
+    def _new_sequence(self, request: Request) -> SequenceState:
+        K, P = self.hierarchy.depth, len(request.prompt_ids)
+        sampling = request.sampling.with_seed()
+        if not sampling.greedy and self.prob_rings is None and K:
+            shape = (self.config.max_batch_size, self.hierarchy.window, self.model.config.vocab_size)
+            self.prob_rings = [torch.zeros(shape, device=self.model.device) for _ in range(K)]
+        stop_ids = self.model.config.eos_token_ids if request.stop_token_ids is None else request.stop_token_ids
+        seq = SequenceState(
+            request=request, sampling=sampling, slot=self.free_slots.pop(0), stop_token_ids=frozenset(stop_ids),
+            limit=min(P + request.max_new_tokens, self.capacity + 1),
+            tokens=list(request.prompt_ids), accepted=[P] * (K + 1), fed=[0] * (K + 1),
+            attempts=[0] * (K + 1), stats=RequestStats.empty(self.hierarchy),
+        )
+        self.running[request.request_id] = seq
+        if request.on_tokens is not None:
+            self._callbacks[request.request_id] = request.on_tokens
+        return seq
+
+    def _prefill(self, admitted: list[SequenceState]) -> list[StepOutput]:
+        """Run whole prompts through every layer; the target's distribution after the prompt
+        gives the first token, committed at once."""
+        model, K, L = self.model, self.hierarchy.depth, self.model.config.num_layers
+        lengths = [s.prompt_len for s in admitted]
+        step = model.plan(self.cache, [s.slot for s in admitted], lengths, layer=0)
+        T = step.width
+        ids = torch.tensor([list(s.request.prompt_ids) + [0] * (T - n) for s, n in zip(admitted, lengths)],
+                           device=model.device)
+        hidden = model.forward_layers(model.embed(ids), step, self.cache, 0, L)  # [B, T, d]
+        last = hidden[torch.arange(len(admitted), device=model.device), step.last_token_index()]  # [B, d]
+        logits = model.exit_logits(last)  # [B, V]
+        argmax = logits.argmax(-1).tolist()  # host sync
+        outputs = []
+        for b, seq in enumerate(admitted):
+            P = seq.prompt_len
+            if seq.sampling.greedy:
+                token = argmax[b]
+            else:
+                p = processed_probs(logits[b : b + 1], [seq.sampling])[0]
+                token = sample_from(p, keyed_uniform(seq.sampling.seed, K, P, seq.attempts[K], SAMPLE))
+            seq.attempts[K] += 1
+            seq.stats.target_passes += 1
+            seq.stats.layer_forwards += L
+            seq.stats.layer_token_passes += L * P
+            seq.fed = [P] * (K + 1)
+            seq.tokens.append(token)
+            seq.accepted = [P + 1] * (K + 1)
+            seq.committed_before_step = P
+            outputs.append(self._commit(seq))
+        return outputs
