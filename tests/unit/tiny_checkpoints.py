@@ -31,11 +31,22 @@ VARIANTS = {
 }
 
 
-def make_checkpoint(directory: Path, variant: str, num_layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def make_checkpoint(
+    directory: Path,
+    variant: str,
+    num_layers: int = 4,
+    seed: int = 0,
+    *,
+    vocab_size: int = 101,
+    max_position_embeddings: int = 256,
+    initializer_range: float = 0.08,
+    eos_token_id: int = 2,
+) -> LlamaForCausalLM:
     overrides, save_kwargs = VARIANTS[variant]
     config = LlamaConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=num_layers,
-        max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.08, **overrides,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=num_layers,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
+        initializer_range=initializer_range, eos_token_id=eos_token_id, **overrides,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
