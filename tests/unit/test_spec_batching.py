@@ -1,0 +1,91 @@
+"""Iteration-level batching: sequences join and leave between steps, and each one's output is
+exactly what it gets decoded alone (greedy and seeded sampling)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from tests.unit.spec_helpers import random_prompts, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("tiny6"))
+
+
+def make_requests(vocab: int) -> list[Request]:
+    lengths = (1, 9, 3, 14, 6, 2, 11, 5)
+    max_new = (20, 7, 31, 3, 16, 25, 1, 12)  # finishing at different steps
+    prompts = random_prompts(lengths, vocab, seed=11)
+    sampling = [SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.9, top_k=20, seed=i)
+                for i in range(len(prompts))]
+    return [Request(p, n, s, stop_token_ids=(), request_id=f"r{i}")
+            for i, (p, n, s) in enumerate(zip(prompts, max_new, sampling))]
+
+
+@pytest.mark.parametrize("exits,budgets", [((), ()), ((2,), (3,)), ((1, 3), (2, 4)), ((1, 2, 4), (2, 1, 3))])
+def test_joins_and_leaves_equal_sequential(model, exits, budgets):
+    hierarchy = Hierarchy(6, exits, budgets)
+    requests = make_requests(model.config.vocab_size)
+    alone = {}
+    for request in requests:
+        engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=1))
+        alone[request.request_id] = engine.generate([request])[0].token_ids
+
+    engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=3))
+    streamed: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    results, pending, steps = {}, list(requests), 0
+    while pending or engine.has_unfinished():
+        if pending and steps % 3 == 0:  # a new request arrives every third step
+            request = pending.pop(0)
+            engine.add_request(Request(request.prompt_ids, request.max_new_tokens, request.sampling,
+                                       stop_token_ids=(), request_id=request.request_id,
+                                       on_tokens=streamed[request.request_id].extend))
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.result
+        assert engine.num_running <= 3
+        steps += 1
+    assert {rid: r.token_ids for rid, r in results.items()} == alone
+    assert streamed == alone  # streaming delivers exactly the committed tokens, in order
+    assert sorted(engine.free_slots) == [0, 1, 2]  # every slot came back
+    assert int(engine.cache.lengths.sum()) == 0
+
+
+def test_abort_frees_the_slot_and_spares_the_others(model):
+    hierarchy = Hierarchy(6, (1, 3), (2, 4))
+    requests = make_requests(model.config.vocab_size)[:4]
+    expected = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=4)).generate(requests)
+    engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=2))
+    for r in requests:
+        engine.add_request(r)
+    engine.step()
+    engine.step()
+    aborted = engine.abort("r0")
+    assert aborted.finish_reason == "abort" and aborted.token_ids == expected[0].token_ids[: len(aborted.token_ids)]
+    assert engine.abort("r3").finish_reason == "abort"  # still waiting
+    assert engine.abort("nope") is None
+    results = {}
+    while engine.has_unfinished():
+        results |= {o.request_id: o.result for o in engine.step() if o.finished}
+    assert results["r1"].token_ids == expected[1].token_ids and results["r2"].token_ids == expected[2].token_ids
+    assert sorted(engine.free_slots) == [0, 1]
+
+
+def test_bad_requests_are_refused_clearly(model):
+    engine = SpecEngine(model, Hierarchy(6, (2,), (3,)))
+    with pytest.raises(ValueError, match="prompt_ids"):
+        Request([], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Request([1], -1)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request(Request([5, model.config.vocab_size], 4))
+    with pytest.raises(ValueError, match="detokenize"):
+        engine.add_request(Request([5], 4, stop_strings=("x",)))
+    engine.add_request(Request([5], 4, request_id="same"))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(Request([6], 4, request_id="same"))
+    (result,) = [o.result for o in engine.step() if o.finished] or [None]
+    assert result is None  # the good request is still decoding
+    assert engine.generate([Request([7], 0)])[0].finish_reason == "length"
