@@ -1,7 +1,11 @@
 """`hispec generate`: continue prompts with a local early-exit checkpoint.
 
     hispec generate --prompt "def fibonacci(n):" --max-new-tokens 64
-    hispec generate --prompts prompts.jsonl --json      # one {"prompt": ...} per line
+    hispec generate --method layerskip --exits 4 --budgets 4 --prompt "import os"
+    hispec generate --temperature 0.8 --top-p 0.95 --seed 1 --prompts prompts.jsonl --json
+
+Defaults: the bundled model, its tuned HiSpec hierarchy (or exits at 1/8 and 1/4 depth with
+budgets 2 and 4), greedy. All prompts of a file decode together in one batch (--max-batch-size).
 """
 
 from __future__ import annotations
@@ -9,13 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from hispec.model import load_model
-from hispec.model.greedy import greedy_generate
 from hispec.models import DEFAULT_MODEL
+from hispec.spec import EngineConfig, Request, RequestStats, SamplingParams, SpecEngine, resolve_hierarchy
+from hispec.spec.hierarchy import METHODS
+from hispec.spec.request import cut_at_stop
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -25,58 +39,136 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     for number, line in enumerate(Path(args.prompts).read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"{args.prompts}:{number}: not JSON ({error})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise SystemExit(f"{args.prompts}:{number}: expected a JSON object with a string 'prompt'")
         prompts.append(record["prompt"])
+    if not prompts:
+        raise SystemExit(f"{args.prompts}: no prompts")
     return prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hispec generate", description="Greedy generation with the full model.")
+    parser = argparse.ArgumentParser(prog="hispec generate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (default: bundled)")
+    parser.add_argument("--method", choices=METHODS, default="hispec", help="decoding method (default: hispec)")
+    parser.add_argument("--exits", type=int_list, help="exit layers E0[,E1..] below the last layer")
+    parser.add_argument("--budgets", type=int_list, help="tokens per level N0[,N1..], one per exit")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} per line")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="sampling seed (each prompt uses it; default: random)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the layer loop (slow start)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 0:
-        raise SystemExit("--max-new-tokens must be >= 0")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not (args.model / "config.json").is_file():
-        raise SystemExit(f"no checkpoint at {args.model} (config.json missing)")
+        parser.error(f"no checkpoint at {args.model} (config.json missing)")
+    try:
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+        config = EngineConfig(max_batch_size=args.max_batch_size)
+        if args.max_new_tokens < 0:
+            raise ValueError("--max-new-tokens must be >= 0")
+    except ValueError as error:
+        parser.error(str(error))
+    prompts = read_prompts(args)
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = load_model(args.model, dtype=args.dtype)
-    eos = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
-    for prompt in read_prompts(args):
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    try:
+        hierarchy = resolve_hierarchy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.compile:
+        model.compile_layers()
+
+    def detokenize(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    engine = SpecEngine(model, hierarchy, config, detokenize=detokenize)
+    stops = tuple(args.stop)
+    requests = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        streamer = TextStreamer(detokenize, stops) if len(prompts) == 1 and not args.json else None
+        try:
+            requests.append(Request(ids, args.max_new_tokens, sampling, stop_strings=stops,
+                                    on_tokens=streamer.push if streamer else None))
+        except ValueError as error:
+            parser.error(str(error))
+    if len(prompts) == 1 and not args.json:
+        sys.stdout.write(prompts[0])
+    started = time.perf_counter()
+    try:
+        results = engine.generate(requests)
+    except ValueError as error:  # e.g. a prompt longer than the context
+        parser.error(str(error))
+    elapsed = time.perf_counter() - started
+
+    for prompt, request, result in zip(prompts, requests, results):
+        text, _ = cut_at_stop(detokenize(result.token_ids), stops)
         if args.json:
-            token_ids, finish = greedy_generate(model, prompt_ids, args.max_new_tokens, tuple(eos))
-            text = tokenizer.decode(token_ids, skip_special_tokens=True)
-            print(json.dumps({"prompt": prompt, "text": text, "token_ids": token_ids, "finish_reason": finish}))
+            print(json.dumps({"prompt": prompt, "text": text, "token_ids": result.token_ids,
+                              "finish_reason": result.finish_reason, "stats": result.stats.to_dict(hierarchy)}))
+        elif request.on_tokens is not None:
+            request.on_tokens.__self__.finish(text)
+            print(f"\n[finish_reason={result.finish_reason}]")
         else:
-            sys.stdout.write(prompt)
-            streamed: list[int] = []
-
-            def show(token: int) -> None:
-                # decode the whole continuation each time: byte-level BPE pieces may not be valid alone
-                before = tokenizer.decode(streamed, skip_special_tokens=True)
-                streamed.append(token)
-                sys.stdout.write(tokenizer.decode(streamed, skip_special_tokens=True)[len(before):])
-                sys.stdout.flush()
-
-            _, finish = greedy_generate(model, prompt_ids, args.max_new_tokens, tuple(eos), on_token=show)
-            sys.stdout.write(f"\n[finish_reason={finish}]\n")
+            print(f"{prompt}{text}\n[finish_reason={result.finish_reason}]\n")
+    if not args.json:
+        print(summary(hierarchy, RequestStats.total(hierarchy, [r.stats for r in results]), elapsed), file=sys.stderr)
     return 0
+
+
+def summary(hierarchy, stats: RequestStats, elapsed: float) -> str:
+    report = stats.to_dict(hierarchy)
+    rates = " ".join(f"L{lv['exit']}={lv['acceptance_rate']}" for lv in report["levels"][1:])
+    return (f"[{report['hierarchy']}] {stats.new_tokens} tokens in {elapsed:.2f} s "
+            f"({stats.new_tokens / max(elapsed, 1e-9):.1f} tok/s), {report['tokens_per_target_pass']} tokens/target pass"
+            + (f", acceptance {rates}" if rates else ""))
+
+
+class TextStreamer:
+    """Writes committed text as it arrives, holding back what could still become a stop string."""
+
+    def __init__(self, detokenize, stops: tuple[str, ...]) -> None:
+        self.detokenize, self.stops = detokenize, stops
+        self.tokens: list[int] = []
+        self.shown = 0
+
+    def push(self, new_tokens: list[int]) -> None:
+        self.tokens += new_tokens
+        # decode the whole continuation: byte-level BPE pieces may not be valid text alone
+        text, _ = cut_at_stop(self.detokenize(self.tokens), self.stops)
+        held = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self._show(text[: len(text) - held])
+
+    def finish(self, text: str) -> None:
+        self._show(text)
+
+    def _show(self, text: str) -> None:
+        if len(text) > self.shown:
+            sys.stdout.write(text[self.shown :])
+            sys.stdout.flush()
+            self.shown = len(text)
 
 
 if __name__ == "__main__":

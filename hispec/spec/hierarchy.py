@@ -109,14 +109,13 @@ def resolve_hierarchy(
         return Hierarchy(num_layers)
     base = (load_tuned(model_dir, num_layers) if model_dir else {}).get(method) or paper_default(method, num_layers)
     exits = tuple(exits) if exits else base.exits
+    if (method == "layerskip" and len(exits) != 1) or (method == "hispec" and len(exits) < 2):
+        wanted = {"layerskip": "exactly one exit", "hispec": "two or more exits"}[method]
+        raise ValueError(f"--method {method} needs {wanted}, got exits {exits}")
     if budgets:
         budgets = tuple(budgets)
     elif len(exits) == len(base.budgets):
         budgets = base.budgets
     else:
         raise ValueError(f"give one budget per exit (--budgets) for exits {exits}")
-    hierarchy = Hierarchy(num_layers, exits, budgets)
-    wanted = {"layerskip": "exactly one exit", "hispec": "two or more exits"}[method]
-    if (method == "layerskip") != (hierarchy.depth == 1) or hierarchy.depth == 0:
-        raise ValueError(f"--method {method} needs {wanted}, got exits {exits}")
-    return hierarchy
+    return Hierarchy(num_layers, exits, budgets)
