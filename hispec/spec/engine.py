@@ -397,7 +397,7 @@ class SpecEngine:
             seq.attempts[K] += 1
             seq.stats.target_passes += 1
             seq.stats.layer_forwards += L
-            seq.stats.layer_token_passes += L * P
+            seq.stats.layer_token_passes += L  # the prompt's last position; the rest is prompt processing
             seq.fed = [P] * (K + 1)
             seq.tokens.append(token)
             seq.accepted = [P + 1] * (K + 1)

@@ -26,7 +26,7 @@ class RequestStats:
     new_tokens: int = 0
     target_passes: int = 0  # full-depth forwards (the prefill counts as one)
     layer_forwards: int = 0  # layers run in forwards this sequence took part in (weight passes)
-    layer_token_passes: int = 0  # tokens x layers run for this sequence (compute)
+    layer_token_passes: int = 0  # tokens x layers run while decoding (compute; prefill counts its last token)
     requests: int = 1
 
     @classmethod

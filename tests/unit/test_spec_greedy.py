@@ -76,3 +76,22 @@ def test_model_eos_stops_by_default(tmp_path, model, prompts, reference):
     assert any(reason == "stop" for _, reason in expected)
     results = run_engine(with_eos, (1, 3), (2, 4), [Request(p, NEW_TOKENS) for p in prompts])
     assert [(r.token_ids, r.finish_reason) for r in results] == expected
+
+
+@pytest.mark.parametrize("exits,budgets", GRID, ids=[f"e{e}-n{n}" for e, n in GRID])
+def test_stats_add_up(model, prompts, exits, budgets):
+    (result,) = run_engine(model, exits, budgets, requests_for(prompts[3:4], NEW_TOKENS))
+    stats, K = result.stats, len(exits)
+    assert stats.new_tokens == NEW_TOKENS
+    assert stats.target_passes == stats.levels[K].rounds + 1  # + the prefill
+    if K == 0:
+        assert stats.layer_forwards == stats.layer_token_passes == 6 * NEW_TOKENS
+        return
+    target = stats.levels[K]
+    # every target pass commits its accepted tokens plus at most one recovered / bonus token
+    assert target.accepted + 1 <= stats.new_tokens <= target.accepted + target.rounds + 1
+    for level in stats.levels[1:]:
+        assert 0 <= level.accepted <= level.proposed
+    assert stats.levels[0].proposed >= stats.levels[1].proposed  # a level checks only what was drafted below
+    report = stats.to_dict(Hierarchy(6, exits, budgets))
+    assert report["tokens_per_target_pass"] == round(NEW_TOKENS / stats.target_passes, 4)
