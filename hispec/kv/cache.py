@@ -7,8 +7,8 @@ attended to (the causal mask stops at the query's position) and are overwritten 
 append. Each layer has its own lengths because, in speculative decoding, shallow layers run
 ahead of deep ones.
 
-Lengths are control metadata and live on the CPU, so the scheduler reads them without a
-device sync.
+Lengths are control metadata and live on the host as a numpy array: the scheduler reads them
+without a device sync, and each update costs a microsecond instead of a tensor op's dispatch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class KVCache:
         shape = (num_slots, num_kv_heads, capacity + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
-        self.lengths = torch.zeros((hi - lo, num_slots), dtype=torch.int64)  # CPU
+        self.lengths = np.zeros((hi - lo, num_slots), dtype=np.int64)  # host
 
     @property
     def scratch_index(self) -> int:
@@ -66,7 +67,7 @@ class KVCache:
     def length(self, layer: int, slot: int) -> int:
         return int(self.lengths[self._row(layer), slot])
 
-    def layer_lengths(self, layer: int) -> torch.Tensor:
+    def layer_lengths(self, layer: int) -> np.ndarray:
         """[num_slots] valid lengths of one layer (a view; do not mutate)."""
         return self.lengths[self._row(layer)]
 
@@ -74,8 +75,8 @@ class KVCache:
         """Set the valid length of `slots` in layers [lo, hi) (used after a forward appended)."""
         lo, hi = layers
         rows = slice(self._row(lo), self._row(hi - 1) + 1)
-        new = torch.as_tensor(lengths, dtype=torch.int64)
-        if (new < 0).any() or (new > self.capacity).any():
+        new = np.asarray(lengths, dtype=np.int64)
+        if new.size and (new.min() < 0 or new.max() > self.capacity):
             raise ValueError(f"lengths {new.tolist()} outside [0, {self.capacity}]")
         self.lengths[rows, list(slots)] = new
 
@@ -83,7 +84,7 @@ class KVCache:
         """Move the valid length of `slots` in layers [lo, hi) back to `lengths` (no copy)."""
         lo, hi = layers
         rows = slice(self._row(lo), self._row(hi - 1) + 1)
-        new = torch.as_tensor(lengths, dtype=torch.int64)
+        new = np.asarray(lengths, dtype=np.int64)
         current = self.lengths[rows, list(slots)]
         if (new > current).any():
             raise ValueError(f"rollback cannot extend: {new.tolist()} > {current.tolist()}")

@@ -101,14 +101,14 @@ class EarlyExitModel(nn.Module):
         if not first <= lo < hi <= last:
             raise ValueError(f"layers [{lo}, {hi}) are not owned by this model part {self.layer_range}")
         slots = list(step.slots)
-        held = cache.lengths[lo - cache.layer_lo : hi - cache.layer_lo, slots]  # [hi-lo, B], CPU
-        if not bool((held == step.starts).all()):
+        held = cache.lengths[lo - cache.layer_lo : hi - cache.layer_lo, slots]  # [hi-lo, B], host
+        if not (held == step.starts).all():
             raise ValueError(
                 f"cache lengths {held.tolist()} of layers [{lo}, {hi}) do not match the step's starts "
                 f"{step.starts.tolist()}: roll back or advance the layers first"
             )
         hidden = self._run_layers(hidden, step, cache, lo - first, hi - first)
-        cache.set_lengths((lo, hi), slots, step.ends.tolist())
+        cache.set_lengths((lo, hi), slots, step.ends)
         return hidden
 
     def _run_layers(self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int) -> torch.Tensor:

@@ -69,9 +69,9 @@ class RotaryTable:
         self.dtype = dtype
         self.cos = self.sin = torch.empty(0)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (CPU int64) -> cos, sin [B, T, 1, head_dim] on the table's device."""
-        needed = int(positions.max()) + 1
+        needed = (int(positions.max()) if max_position is None else max_position) + 1
         if needed > self.cos.shape[0]:
             size = max(needed, 2 * self.cos.shape[0], 256)
             rows = torch.arange(size, device=self.inv_freq.device)[None, :]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hispec.kv.cache import KVCache
@@ -20,8 +21,8 @@ from hispec.model.rope import RotaryTable
 @dataclass(frozen=True)
 class ForwardStep:
     slots: tuple[int, ...]
-    starts: torch.Tensor  # [B] int64, CPU: valid cache length before the step
-    num_tokens: torch.Tensor  # [B] int64, CPU: real tokens per sequence (<= T)
+    starts: np.ndarray  # [B] int64, host: valid cache length before the step
+    num_tokens: np.ndarray  # [B] int64, host: real tokens per sequence (<= T)
     slot_index: torch.Tensor  # [B, 1] device: cache row of each sequence, for writes
     slot_read: slice | torch.Tensor  # contiguous slots read as a view, others gathered
     write_pos: torch.Tensor  # [B, T] device: cache column per token (padding -> scratch)
@@ -44,12 +45,12 @@ class ForwardStep:
         return self.write_pos.shape[1]
 
     @property
-    def ends(self) -> torch.Tensor:
+    def ends(self) -> np.ndarray:
         return self.starts + self.num_tokens
 
     def last_token_index(self) -> torch.Tensor:
         """[B] index along T of each sequence's last real token (to pick its logits)."""
-        return (self.num_tokens - 1).to(self.write_pos.device)
+        return torch.from_numpy(self.num_tokens - 1).to(self.write_pos.device)
 
 
 def plan_step(
@@ -59,15 +60,18 @@ def plan_step(
     num_tokens: Sequence[int] | int,
     rotary: RotaryTable,
 ) -> ForwardStep:
-    """Plan appending `num_tokens` to each of `slots`, after the cache length of `layer`."""
+    """Plan appending `num_tokens` to each of `slots`, after the cache length of `layer`.
+
+    Index arithmetic is done with numpy on the host (microseconds per op); tensors are made
+    once at the end: this runs every step, and small-tensor dispatch would dominate it."""
     slots = tuple(int(s) for s in slots)
     if not slots:
         raise ValueError("a step needs at least one sequence")
     if len(set(slots)) != len(slots):
         raise ValueError(f"duplicate slots in a step: {slots}")
-    starts = cache.layer_lengths(layer)[list(slots)].clone()
-    counts = torch.full((len(slots),), num_tokens, dtype=torch.int64) if isinstance(num_tokens, int) \
-        else torch.as_tensor(num_tokens, dtype=torch.int64)
+    starts = cache.layer_lengths(layer)[list(slots)].copy()
+    counts = np.full(len(slots), num_tokens, dtype=np.int64) if isinstance(num_tokens, int) \
+        else np.asarray(num_tokens, dtype=np.int64)
     if counts.shape != starts.shape or (counts <= 0).any():
         raise ValueError(f"num_tokens must be one positive count per slot, got {counts.tolist()}")
     ends = starts + counts
@@ -79,33 +83,34 @@ def plan_step(
     kv_len = int(ends.max())
     device = cache.keys[0].device
 
-    offsets = torch.arange(width, dtype=torch.int64)
+    offsets = np.arange(width, dtype=np.int64)
     raw_pos = starts[:, None] + offsets  # [B, T]
     is_pad = offsets[None, :] >= counts[:, None]
-    write_pos = torch.where(is_pad, cache.scratch_index, raw_pos)
-    positions = raw_pos.clamp(max=cache.capacity - 1)
+    write_pos = np.where(is_pad, cache.scratch_index, raw_pos)
+    positions = np.minimum(raw_pos, cache.capacity - 1)
 
     ragged = bool((starts != starts[0]).any() or (counts != width).any())
     mask = None
     if width > 1 or ragged:
-        key_pos = torch.arange(kv_len, dtype=torch.int64)
-        mask = (key_pos[None, None, None, :] <= positions[:, None, :, None]).to(device)
+        key_pos = np.arange(kv_len, dtype=np.int64)
+        mask = torch.from_numpy(key_pos[None, None, None, :] <= positions[:, None, :, None]).to(device)
 
     first = slots[0]
     contiguous = slots == tuple(range(first, first + len(slots)))
     slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
     start = int(starts[0])
     uniform = contiguous and not ragged
-    cos, sin = rotary.lookup(positions)
+    positions_tensor = torch.from_numpy(positions)
+    cos, sin = rotary.lookup(positions_tensor, int(positions.max()))
     return ForwardStep(
         slots=slots,
         starts=starts,
         num_tokens=counts,
         slot_index=slot_tensor[:, None],
         slot_read=slice(first, first + len(slots)) if contiguous else slot_tensor,
-        write_pos=write_pos.to(device),
+        write_pos=torch.from_numpy(write_pos).to(device),
         uniform_columns=slice(start, start + width) if uniform else None,
-        positions=positions.to(device),
+        positions=positions_tensor.to(device),
         kv_len=kv_len,
         mask=mask,
         cos=cos,

@@ -157,7 +157,7 @@ class SpecEngine:
         if active:
             actions = {seq.slot: seq.next_action(self.hierarchy) for seq in active}
             feeds = self._plan_feeds(active, actions)
-            level_logits = [self._run_level(level, level_feeds) for level, level_feeds in enumerate(feeds)]
+            level_logits = self._sweep(feeds)
             for seq in active:
                 level = actions[seq.slot]
                 if level == 0:
@@ -189,40 +189,55 @@ class SpecEngine:
             feeds[k].append(Feed(seq, seq.fed[k], end - seq.fed[k], True))
         return feeds
 
-    def _run_level(self, level: int, feeds: list[Feed]) -> LevelLogits | None:
-        """One ragged forward of level `level`'s layers over `feeds`; exit head on the rows asked for."""
-        if not feeds:
-            return None
+    def _sweep(self, feeds: list[list[Feed]]) -> list[LevelLogits | None]:
+        """Run the levels bottom-up. Consecutive levels fed the very same one-token catch-ups
+        (always so at batch size 1) run as one forward over their joint layers."""
+        out: list[LevelLogits | None] = [None] * len(feeds)
+        first = 0
+        while first < len(feeds):
+            last = first
+            while last + 1 < len(feeds) and _same_catch_ups(feeds[first], feeds[last + 1]):
+                last += 1
+            if feeds[first]:
+                out[last] = self._run_levels(first, last, feeds[first])
+            first = last + 1
+        return out
+
+    def _run_levels(self, first: int, last: int, feeds: list[Feed]) -> LevelLogits | None:
+        """One ragged forward of levels first..last's layers over `feeds`; exit head on the rows asked for."""
         model, W, K = self.model, self.hierarchy.window, self.hierarchy.depth
-        lo, hi = self.hierarchy.layer_range(level)
+        lo, hi = self.hierarchy.layer_range(first)[0], self.hierarchy.layer_range(last)[1]
         slots = [f.seq.slot for f in feeds]
         step = model.plan(self.cache, slots, [f.count for f in feeds], layer=lo)
         T = step.width
         if step.starts.tolist() != [f.start for f in feeds]:
-            raise RuntimeError(f"level {level}: cache lengths {step.starts.tolist()} != planned starts")
-        columns = torch.tensor([[(f.start + t) % W if t < f.count else W for t in range(T)] for f in feeds],
-                               device=model.device)  # [B, T] ring columns (padding -> W)
-        slot_index = step.slot_index  # [B, 1]
-        if level == 0:
+            raise RuntimeError(f"levels {first}..{last}: cache lengths {step.starts.tolist()} != planned starts")
+        ring_columns = _ring_columns(feeds, T, W, model.device)  # [B, T] index, or a slice for one sequence
+        if first == 0:
             ids = [f.seq.tokens[f.start : f.start + f.count] + [0] * (T - f.count) for f in feeds]
             hidden = model.embed(torch.tensor(ids, device=model.device))
         else:
-            hidden = self.hidden_rings[level - 1][slot_index, columns]  # [B, T, d]
+            hidden = _ring_read(self.hidden_rings[first - 1], step, ring_columns)  # [B, T, d]
         hidden = model.forward_layers(hidden, step, self.cache, lo, hi)  # [B, T, d]
-        if level < K:
-            self.hidden_rings[level][slot_index, columns] = hidden
+        if last < K:
+            _ring_write(self.hidden_rings[last], step, ring_columns, hidden)
         for f in feeds:
-            f.seq.fed[level] += f.count
+            for level in range(first, last + 1):
+                f.seq.fed[level] += f.count
             f.seq.stats.layer_forwards += hi - lo
             f.seq.stats.layer_token_passes += (hi - lo) * f.count
-            if level == K:
+            if last == K:
                 f.seq.stats.target_passes += 1
 
         wanted = [(b, f) for b, f in enumerate(feeds) if f.wants_logits]
         if not wanted:
             return None
-        flat = [b * T + t for b, f in wanted for t in range(f.count)]
-        logits = model.exit_logits(hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=model.device)])
+        if len(feeds) == 1:
+            rows_hidden = hidden[0]  # [T, d]: one sequence, no padding
+        else:
+            flat = [b * T + t for b, f in wanted for t in range(f.count)]
+            rows_hidden = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=model.device)]
+        logits = model.exit_logits(rows_hidden)  # [N, V]
         rows, probs, row = {}, {}, 0
         for _, f in wanted:
             rows[f.seq.slot] = row
@@ -404,3 +419,33 @@ class SpecEngine:
             seq.committed_before_step = P
             outputs.append(self._commit(seq))
         return outputs
+
+
+def _same_catch_ups(a: list[Feed], b: list[Feed]) -> bool:
+    """Whether two levels' feeds are the same one-token catch-ups of the same sequences."""
+    return bool(a) and len(a) == len(b) and all(
+        x.seq is y.seq and x.start == y.start and x.count == y.count == 1 and not x.wants_logits and not y.wants_logits
+        for x, y in zip(a, b)
+    )
+
+
+def _ring_columns(feeds: list[Feed], T: int, W: int, device) -> slice | torch.Tensor:
+    """Ring-buffer columns of each feed's tokens [B, T] (padding -> scratch column W); a plain
+    slice when one sequence's tokens do not wrap around the ring (the common case at batch 1)."""
+    if len(feeds) == 1 and feeds[0].start % W + T <= W:
+        first = feeds[0].start % W
+        return slice(first, first + T)
+    return torch.tensor([[(f.start + t) % W if t < f.count else W for t in range(T)] for f in feeds], device=device)
+
+
+def _ring_read(ring: torch.Tensor, step, columns: slice | torch.Tensor) -> torch.Tensor:
+    if isinstance(columns, slice):
+        return ring[step.slots[0] : step.slots[0] + 1, columns]  # a view
+    return ring[step.slot_index, columns]
+
+
+def _ring_write(ring: torch.Tensor, step, columns: slice | torch.Tensor, hidden: torch.Tensor) -> None:
+    if isinstance(columns, slice):
+        ring[step.slots[0] : step.slots[0] + 1, columns] = hidden
+    else:
+        ring[step.slot_index, columns] = hidden
