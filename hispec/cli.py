@@ -8,6 +8,7 @@ import sys
 # subcommand -> (module with main(argv) -> int, one-line help)
 SUBCOMMANDS = {
     "generate": ("hispec.generate", "generate text from prompts"),
+    "bench": ("hispec.bench.speed", "every decoding method side by side: tokens/s, acceptance, cost model"),
     "bench-runtime": ("hispec.bench.runtime", "runtime micro-benchmark vs transformers"),
     "train": ("hispec.train.recipe", "train an early-exit model (LayerSkip recipe)"),
     "eval-exits": ("hispec.train.evaluate", "agreement of each exit layer with the final layer"),

@@ -19,9 +19,10 @@ Each `step()`:
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +48,14 @@ class EngineConfig:
             raise ValueError("max_context must be >= 2")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
+
+
+class ForwardShape(NamedTuple):
+    layers: int  # layers run
+    batch: int  # sequences in the forward
+    tokens: int  # tokens per sequence, padded (the widest sequence's)
+    head_rows: int  # exit-head rows computed after it (0: catch-up only)
+    prefill: bool = False  # prompt processing (keys start at position 0)
 
 
 @dataclass
@@ -103,6 +112,9 @@ class SpecEngine:
         self.free_slots = list(range(slots))
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
         self.total_stats = RequestStats.total(hierarchy, [])
+        # Every forward run, by shape -> count. The cost model (hispec.bench.costmodel) prices this
+        # log with per-shape costs measured in isolation.
+        self.forward_log: Counter[ForwardShape] = Counter()
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request: Request) -> str:
@@ -230,6 +242,7 @@ class SpecEngine:
                 f.seq.stats.target_passes += 1
 
         wanted = [(b, f) for b, f in enumerate(feeds) if f.wants_logits]
+        self.forward_log[ForwardShape(hi - lo, len(feeds), T, sum(f.count for _, f in wanted))] += 1
         if not wanted:
             return None
         if len(feeds) == 1:
@@ -400,6 +413,7 @@ class SpecEngine:
         hidden = model.forward_layers(model.embed(ids), step, self.cache, 0, L)  # [B, T, d]
         last = hidden[torch.arange(len(admitted), device=model.device), step.last_token_index()]  # [B, d]
         logits = model.exit_logits(last)  # [B, V]
+        self.forward_log[ForwardShape(L, len(admitted), T, len(admitted), prefill=True)] += 1
         argmax = logits.argmax(-1).tolist()  # host sync
         outputs = []
         for b, seq in enumerate(admitted):

@@ -1,0 +1,85 @@
+"""PNG plots of a benchmark's results.json (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def tokens_per_second(results: dict, path: Path) -> None:
+    methods = results["methods"]
+    names = list(methods)
+    speeds = [methods[n]["tokens_per_s"] for n in names]
+    predicted = [methods[n].get("predicted_tokens_per_s") for n in names]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bars = ax.bar(names, speeds, color=["#4c72b0" if methods[n]["identical_to_ar"] else "#c44e52" for n in names])
+    for name_index, value in enumerate(predicted):
+        if value:
+            ax.plot([name_index - 0.4, name_index + 0.4], [value, value], color="black", linestyle="--", linewidth=1)
+    ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylabel("tokens / s (median)")
+    ax.set_title(f"batch 1, {results['config']['num_prompts']} prompts x {results['config']['max_new_tokens']} tokens "
+                 "(dashed: cost model)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def acceptance(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, entry in results["methods"].items():
+        levels = entry.get("acceptance") or {}
+        if levels:
+            ax.plot(list(levels), list(levels.values()), marker="o", label=f"{name} ({entry.get('hierarchy', '')})")
+    ax.set_xlabel("verifying exit layer")
+    ax.set_ylabel("acceptance rate of proposals")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def throughput_vs_batch(results: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    by_batch = results["batch_sizes"]
+    sizes = sorted(int(b) for b in by_batch)
+    names = sorted({m for entry in by_batch.values() for m in entry})
+    for name in names:
+        ax.plot(sizes, [by_batch[str(b)][name]["tokens_per_s"] for b in sizes], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens / s (median)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def heatmap(grid: dict, exits_x: list[int], exits_y: list[int], path: Path, title: str) -> None:
+    """grid[(draft_exit, verifier_exit)] -> value; cells missing from grid are blank."""
+    import numpy as np
+
+    values = np.full((len(exits_y), len(exits_x)), np.nan)
+    for (x, y), value in grid.items():
+        values[exits_y.index(y), exits_x.index(x)] = value
+    fig, ax = plt.subplots(figsize=(7, 5))
+    image = ax.imshow(values, origin="lower", cmap="viridis")
+    for i in range(len(exits_y)):
+        for j in range(len(exits_x)):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xticks(range(len(exits_x)), exits_x)
+    ax.set_yticks(range(len(exits_y)), exits_y)
+    ax.set_xlabel("draft exit layer e0")
+    ax.set_ylabel("verifier exit layer e1")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, label="tokens / s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
