@@ -15,13 +15,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 
 import torch
 
 from hispec.model.model import EarlyExitModel
 from hispec.spec.engine import ForwardShape
 
-PROBE_LAYERS = 10**6  # layers timed per forward measurement: all of them, so weights stream from memory as in a real step
 
 
 class CostTable:
@@ -30,61 +30,68 @@ class CostTable:
         self.forward: dict[tuple[int, int, bool], tuple[float, float]] = {}  # (B, T, prefill) -> (plan s, layer s)
         self.head: dict[int, float] = {}  # rows -> seconds
 
-    def _median(self, fn) -> float:
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-        return statistics.median(times)
+    def measure(self, shapes: Iterable[ForwardShape]) -> None:
+        """Measure every shape not measured yet. Repetitions go round-robin over all shapes, so a
+        noisy moment on this machine touches every shape alike instead of skewing one."""
+        shapes = list(shapes)
+        forward_keys = sorted({(s.batch, s.tokens, s.prefill) for s in shapes} - set(self.forward))
+        head_keys = sorted({s.head_rows for s in shapes if s.head_rows} - set(self.head))
+        probes: dict[tuple, Callable[[], object]] = {}
+        for key in forward_keys:
+            plan, forward = self._forward_probe(*key)
+            probes[("plan", key)], probes[("forward", key)] = plan, forward
+        for rows in head_keys:
+            probes[("head", rows)] = self._head_probe(rows)
+        samples: dict[tuple, list[float]] = {name: [] for name in probes}
+        with torch.inference_mode():
+            for name, fn in probes.items():
+                fn(), fn()  # warm-up
+            for _ in range(self.repeats):
+                for name, fn in probes.items():
+                    started = time.perf_counter()
+                    fn()
+                    samples[name].append(time.perf_counter() - started)
+        layers = self.model.config.num_layers
+        for key in forward_keys:
+            self.forward[key] = (statistics.median(samples[("plan", key)]),
+                                 statistics.median(samples[("forward", key)]) / layers)
+        for rows in head_keys:
+            self.head[rows] = statistics.median(samples[("head", rows)])
 
-    @torch.inference_mode()
-    def _measure_forward(self, batch: int, tokens: int, prefill: bool) -> tuple[float, float]:
-        model = self.model
-        layers = min(PROBE_LAYERS, model.config.num_layers)
+    def _forward_probe(self, batch: int, tokens: int, prefill: bool):
+        """(plan, forward) callables for one shape: a forward over every layer (weights stream
+        from memory as in a real step), on a cache filled to the typical context."""
+        model, layers = self.model, self.model.config.num_layers
         start = 0 if prefill else min(self.context, model.config.max_position_embeddings - tokens - batch)
-        cache = model.new_cache(num_slots=batch, capacity=start + tokens + batch, layer_range=(0, layers))
-        # decode-time batches are ragged: sequences sit at different lengths
-        starts = [start + (b if not prefill else 0) for b in range(batch)]
+        cache = model.new_cache(num_slots=batch, capacity=start + tokens + batch)
+        starts = [start + (0 if prefill else b) for b in range(batch)]  # decode batches are ragged
         hidden = torch.randn(batch, tokens, model.config.hidden_size, dtype=model.dtype, device=model.device)
         slots = list(range(batch))
 
-        def reset():
-            cache.set_lengths((0, layers), slots, starts)
-
         def plan():
-            reset()
+            cache.set_lengths((0, layers), slots, starts)
             return model.plan(cache, slots, tokens)
 
         step = plan()
 
         def forward():
-            reset()
+            cache.set_lengths((0, layers), slots, starts)
             model.forward_layers(hidden, step, cache, 0, layers)
 
-        return self._median(plan), self._median(forward) / layers
+        return plan, forward
 
-    @torch.inference_mode()
-    def _measure_head(self, rows: int) -> float:
+    def _head_probe(self, rows: int):
         hidden = torch.randn(rows, self.model.config.hidden_size, dtype=self.model.dtype, device=self.model.device)
-        return self._median(lambda: self.model.exit_logits(hidden).argmax(-1).tolist())
+        return lambda: self.model.exit_logits(hidden).argmax(-1).tolist()
 
     def forward_seconds(self, shape: ForwardShape) -> float:
-        key = (shape.batch, shape.tokens, shape.prefill)
-        if key not in self.forward:
-            self.forward[key] = self._measure_forward(*key)
-        plan, layer = self.forward[key]
-        seconds = plan + shape.layers * layer
-        if shape.head_rows:
-            if shape.head_rows not in self.head:
-                self.head[shape.head_rows] = self._measure_head(shape.head_rows)
-            seconds += self.head[shape.head_rows]
-        return seconds
+        self.measure([shape])
+        plan, layer = self.forward[(shape.batch, shape.tokens, shape.prefill)]
+        return plan + shape.layers * layer + (self.head[shape.head_rows] if shape.head_rows else 0.0)
 
     def price(self, log: Counter) -> float:
         """Seconds the forwards in `log` cost at the measured per-shape rates."""
+        self.measure(log)
         return sum(count * self.forward_seconds(shape) for shape, count in log.items())
 
     def to_dict(self) -> dict:

@@ -61,8 +61,9 @@ def throughput_vs_batch(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def heatmap(grid: dict, exits_x: list[int], exits_y: list[int], path: Path, title: str) -> None:
-    """grid[(draft_exit, verifier_exit)] -> value; cells missing from grid are blank."""
+def heatmap(grid: dict, exits_x: list[int], exits_y: list[int], path: Path, title: str,
+            xlabel: str = "draft exit layer e0", ylabel: str = "verifier exit layer e1") -> None:
+    """grid[(x, y)] -> value (default: draft exit, verifier exit); cells missing from grid are blank."""
     import numpy as np
 
     values = np.full((len(exits_y), len(exits_x)), np.nan)
@@ -76,8 +77,8 @@ def heatmap(grid: dict, exits_x: list[int], exits_y: list[int], path: Path, titl
                 ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", color="white", fontsize=8)
     ax.set_xticks(range(len(exits_x)), exits_x)
     ax.set_yticks(range(len(exits_y)), exits_y)
-    ax.set_xlabel("draft exit layer e0")
-    ax.set_ylabel("verifier exit layer e1")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, label="tokens / s")
     fig.tight_layout()

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.update()
     progress.close()
 
+    costs.measure(shape for engine in engines.values() for shape in engine.forward_log)  # interleaved, together
     reference = outputs[("ar", 1)]
     new_tokens = sum(len(t) for t in reference)
 

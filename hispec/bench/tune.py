@@ -1,0 +1,157 @@
+"""`hispec tune`: sweep exits and budgets for LayerSkip and HiSpec; store the winners next to the checkpoint.
+
+    hispec tune                                   # bundled model, writes its hispec_config.json
+    hispec tune --model DIR --prompts p.jsonl --out runs/tune
+
+Every candidate hierarchy decodes the same sample prompts (greedy, batch 1; by default held-out
+prompts the benchmark does not use). Candidates are ranked by the cost model: the forwards each
+one ran, priced with per-shape costs measured once. That ranking is free of this machine's
+timing noise; the winners' measured speed is reported next to it. Writes a heatmap over
+(draft exit, verifier exit), the LayerSkip sweep, all numbers as JSON, and `hispec_config.json`,
+which `generate`, `bench` and the server use by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hispec.bench import plots
+from hispec.bench.costmodel import CostTable
+from hispec.bench.prompts import PROMPTS_NAME
+from hispec.model import load_model
+from hispec.models import DEFAULT_MODEL
+from hispec.spec import EngineConfig, Hierarchy, Request, SpecEngine
+from hispec.spec.hierarchy import TUNED_CONFIG_NAME
+
+HISPEC_BUDGETS = [(1, 3), (2, 4), (3, 4), (2, 6), (3, 6)]
+LAYERSKIP_BUDGETS = [2, 3, 4, 5, 6, 8]
+DEEP_BUDGETS = [(1, 2, 4), (2, 2, 4), (2, 3, 4)]
+
+
+def candidate_exits(num_layers: int) -> list[int]:
+    """Exits worth trying: the first quarter in steps of 1, then coarser up to half depth."""
+    quarter, half = max(1, num_layers // 4), max(2, num_layers // 2)
+    return sorted({*range(1, quarter + 1), *range(quarter, half + 1, max(1, num_layers // 8))} - {num_layers})
+
+
+def candidates(num_layers: int) -> list[Hierarchy]:
+    exits = candidate_exits(num_layers)
+    out = [Hierarchy(num_layers, (e,), (n,)) for e in exits for n in LAYERSKIP_BUDGETS]
+    out += [Hierarchy(num_layers, (e0, e1), b) for e0 in exits for e1 in exits if e0 < e1 and e0 <= num_layers // 4
+            for b in HISPEC_BUDGETS]
+    quarter = max(3, num_layers // 4)
+    deep = {(1, 2, quarter), (1, quarter // 2 + 1, quarter), (2, quarter, num_layers // 2)}
+    out += [Hierarchy(num_layers, e, b) for e in sorted(deep) if len(set(e)) == 3 and e[-1] < num_layers
+            for b in DEEP_BUDGETS]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hispec tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--prompts", type=Path, help="JSONL of {\"prompt\": ...} (default: the model's held-out prompts)")
+    parser.add_argument("--skip-prompts", type=int, default=32, help="skip this many first prompts (the benchmark's)")
+    parser.add_argument("--num-prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="where plots and tune_results.json go (default: MODEL/tuning)")
+    parser.add_argument("--no-write-config", action="store_true", help=f"do not write MODEL/{TUNED_CONFIG_NAME}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    out_dir = args.out or args.model / "tuning"
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_model(args.model, dtype="float32")
+    L = model.config.num_layers
+    lines = (args.prompts or args.model / PROMPTS_NAME).read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    prompts = prompts[args.skip_prompts : args.skip_prompts + args.num_prompts] or prompts[: args.num_prompts]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    costs = CostTable(model, int(statistics.mean(len(i) for i in prompt_ids) + args.max_new_tokens / 2))
+
+    def run(hierarchy: Hierarchy) -> dict:
+        engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=1))
+        started = time.perf_counter()
+        results = engine.generate([Request(ids, args.max_new_tokens) for ids in prompt_ids])
+        seconds = time.perf_counter() - started
+        tokens = sum(len(r.token_ids) for r in results)
+        stats = engine.total_stats.to_dict(hierarchy)
+        return {"exits": list(hierarchy.exits), "budgets": list(hierarchy.budgets), "method": hierarchy.method,
+                "log": engine.forward_log, "new_tokens": tokens,
+                "measured_tokens_per_s": round(tokens / seconds, 2),
+                "tokens_per_target_pass": stats["tokens_per_target_pass"],
+                "acceptance": [lv["acceptance_rate"] for lv in stats["levels"][1:]],
+                "outputs": [r.token_ids for r in results]}
+
+    reference = run(Hierarchy(L))
+    rows = [dict(reference, outputs=None)]
+    for hierarchy in tqdm(candidates(L), desc="tune", unit="config"):
+        row = run(hierarchy)
+        if row.pop("outputs") != reference["outputs"]:
+            raise RuntimeError(f"{hierarchy.describe()} changed the greedy output: an engine bug")
+        rows.append(row)
+    rows[0].pop("outputs")
+    costs.measure(shape for row in rows for shape in row["log"])  # all shapes together, interleaved
+    for row in rows:
+        row["predicted_tokens_per_s"] = round(row.pop("new_tokens") / costs.price(row.pop("log")), 2)
+
+    def best(method: str) -> dict:
+        return max((r for r in rows if r["method"] == method), key=lambda r: r["predicted_tokens_per_s"])
+
+    winners = {m: best(m) for m in ("layerskip", "hispec")}
+    for name, row in winners.items():  # the winners' measured speed, a few repeats
+        hierarchy = Hierarchy(L, tuple(row["exits"]), tuple(row["budgets"]))
+        row["measured_tokens_per_s"] = statistics.median(run(hierarchy)["measured_tokens_per_s"] for _ in range(3))
+    rows[0]["measured_tokens_per_s"] = statistics.median(run(Hierarchy(L))["measured_tokens_per_s"] for _ in range(3))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"model": str(args.model), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "ar": rows[0], "winners": winners, "candidates": rows[1:], "cost_table": costs.to_dict()}
+    (out_dir / "tune_results.json").write_text(json.dumps(report, indent=1) + "\n")
+    draw(rows, L, out_dir)
+    if not args.no_write_config:
+        config = {"methods": {m: {"exits": r["exits"], "budgets": r["budgets"],
+                                  "predicted_tokens_per_s": r["predicted_tokens_per_s"]} for m, r in winners.items()},
+                  "ar_predicted_tokens_per_s": rows[0]["predicted_tokens_per_s"],
+                  "tuned_with": f"hispec tune ({len(prompts)} held-out prompts x {args.max_new_tokens} tokens, "
+                                f"greedy, batch 1, fp32, ranked by the cost model)"}
+        (args.model / TUNED_CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
+    print(f"ar: {rows[0]['predicted_tokens_per_s']} tok/s predicted, {rows[0]['measured_tokens_per_s']} measured")
+    for name, row in winners.items():
+        print(f"{name}: exits {row['exits']} budgets {row['budgets']}: {row['predicted_tokens_per_s']} tok/s predicted, "
+              f"{row['measured_tokens_per_s']} measured, acceptance {row['acceptance']}")
+    print(f"wrote {out_dir}/tune_results.json, hispec_heatmap.png, layerskip_sweep.png")
+    return 0
+
+
+def draw(rows: list[dict], num_layers: int, out_dir: Path) -> None:
+    pairs: dict[tuple[int, int], float] = {}
+    for r in rows:
+        if r["method"] == "hispec" and len(r["exits"]) == 2:
+            key = tuple(r["exits"])
+            pairs[key] = max(pairs.get(key, 0.0), r["predicted_tokens_per_s"])
+    xs = sorted({x for x, _ in pairs})
+    ys = sorted({y for _, y in pairs})
+    plots.heatmap(pairs, xs, ys, out_dir / "hispec_heatmap.png",
+                  f"HiSpec, best budgets per exit pair: predicted tokens/s (ar: {rows[0]['predicted_tokens_per_s']:.0f})")
+    sweep = {(r["exits"][0], r["budgets"][0]): r["predicted_tokens_per_s"] for r in rows if r["method"] == "layerskip"}
+    exits = sorted({e for e, _ in sweep})
+    budgets = sorted({b for _, b in sweep})
+    grid = {(b, e): v for (e, b), v in sweep.items()}
+    plots.heatmap(grid, budgets, exits, out_dir / "layerskip_sweep.png", "LayerSkip: predicted tokens/s",
+                  xlabel="draft tokens per round n0", ylabel="draft exit layer e0")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
