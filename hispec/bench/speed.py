@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             methods["hf"] = HFMethod(hf_model, eos, tokenizer.pad_token_id)
         if "hf-early-exit" in args.methods:
             methods["hf-early-exit"] = HFMethod(hf_model, eos, tokenizer.pad_token_id, early_exit=hf_exit)
-    context = int(statistics.mean(len(i) for i in prompt_ids) + args.max_new_tokens / 2)
-    costs = CostTable(model, context)
+    costs = CostTable()
 
     for method in methods.values():  # warm-up: first calls pay one-time costs
         method.run(prompt_ids[:2], 16, 1)
@@ -114,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[tuple[str, int], list[float]] = {}
     outputs: dict[tuple[str, int], list[list[int]]] = {}
     engines: dict[tuple[str, int], SpecEngine] = {}
-    for repeat in range(args.repeats):  # interleaved: A B C A B C ...
-        for name, batch in [(m, 1) for m in methods] + [(m, b) for b, m in batch_runs]:
+    with costs.recording(model):  # per-shape costs of our forwards, timed where they run
+        for repeat, name, batch in [(r, m, b) for r in range(args.repeats)  # interleaved: A B C A B C ...
+                                    for m, b in [(m, 1) for m in methods] + [(m, b) for b, m in batch_runs]]:
             progress.set_postfix_str(f"{name} batch {batch}")
             elapsed, tokens, engine = methods[name].run(prompt_ids, args.max_new_tokens, batch)
             times.setdefault((name, batch), []).append(elapsed)
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
             progress.update()
     progress.close()
 
-    costs.measure(shape for engine in engines.values() for shape in engine.forward_log)  # interleaved, together
     reference = outputs[("ar", 1)]
     new_tokens = sum(len(t) for t in reference)
 

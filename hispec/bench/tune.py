@@ -5,8 +5,8 @@
 
 Every candidate hierarchy decodes the same sample prompts (greedy, batch 1; by default held-out
 prompts the benchmark does not use). Candidates are ranked by the cost model: the forwards each
-one ran, priced with per-shape costs measured once. That ranking is free of this machine's
-timing noise; the winners' measured speed is reported next to it. Writes a heatmap over
+one ran, priced with per-shape median costs timed during the sweep. That ranking resists this
+machine's timing noise; the winners' measured speed is reported next to it. Writes a heatmap over
 (draft exit, verifier exit), the LayerSkip sweep, all numbers as JSON, and `hispec_config.json`,
 which `generate`, `bench` and the server use by default.
 """
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
     prompts = prompts[args.skip_prompts : args.skip_prompts + args.num_prompts] or prompts[: args.num_prompts]
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    costs = CostTable(model, int(statistics.mean(len(i) for i in prompt_ids) + args.max_new_tokens / 2))
+    costs = CostTable()
 
     def run(hierarchy: Hierarchy) -> dict:
         engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=1))
@@ -95,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
                 "acceptance": [lv["acceptance_rate"] for lv in stats["levels"][1:]],
                 "outputs": [r.token_ids for r in results]}
 
-    reference = run(Hierarchy(L))
-    rows = [dict(reference, outputs=None)]
-    for hierarchy in tqdm(candidates(L), desc="tune", unit="config"):
-        row = run(hierarchy)
-        if row.pop("outputs") != reference["outputs"]:
-            raise RuntimeError(f"{hierarchy.describe()} changed the greedy output: an engine bug")
-        rows.append(row)
+    with costs.recording(model):  # per-shape costs, timed where the forwards run
+        reference = run(Hierarchy(L))
+        rows = [dict(reference, outputs=None)]
+        for hierarchy in tqdm(candidates(L), desc="tune", unit="config"):
+            row = run(hierarchy)
+            if row.pop("outputs") != reference["outputs"]:
+                raise RuntimeError(f"{hierarchy.describe()} changed the greedy output: an engine bug")
+            rows.append(row)
     rows[0].pop("outputs")
-    costs.measure(shape for row in rows for shape in row["log"])  # all shapes together, interleaved
     for row in rows:
         row["predicted_tokens_per_s"] = round(row.pop("new_tokens") / costs.price(row.pop("log")), 2)
 

@@ -40,16 +40,20 @@ def test_engine_logs_every_forward_and_the_cost_model_prices_it(checkpoint):
     log = engine.forward_log
     assert sum(c for s, c in log.items() if s.prefill) >= 1
     # layers run, summed over the log, equal the per-sequence layer-forward stats at batch 1 ...
-    single = SpecEngine(model, Hierarchy(8, (1, 3), (2, 3)), EngineConfig(max_batch_size=1))
-    (result,) = single.generate([Request([5, 6, 7], 12, stop_token_ids=())])
+    costs = CostTable()
+    with costs.recording(model):
+        single = SpecEngine(model, Hierarchy(8, (1, 3), (2, 3)), EngineConfig(max_batch_size=1))
+        (result,) = single.generate([Request([5, 6, 7], 12, stop_token_ids=())])
+    assert not {"plan", "forward_layers", "exit_logits"} & set(vars(model))  # the timers came off
     assert sum(s.layers * c for s, c in single.forward_log.items()) == result.stats.layer_forwards
-    costs = CostTable(model, context=20, repeats=3)
     seconds = costs.price(single.forward_log)
     assert seconds > 0
     # ... and pricing is additive in the log
     doubled = Counter({k: 2 * v for k, v in single.forward_log.items()})
     assert costs.price(doubled) == pytest.approx(2 * seconds)
     assert costs.forward_seconds(ForwardShape(8, 1, 1, 1)) > costs.forward_seconds(ForwardShape(1, 1, 1, 0))
+    with pytest.raises(KeyError, match="no timings"):
+        costs.forward_seconds(ForwardShape(8, 3, 7, 0))
 
 
 def test_tune_writes_a_config_that_generate_uses(checkpoint, tmp_path):
