@@ -20,7 +20,8 @@ import torch
 
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
-from hispec.spec import EngineConfig, Request, RequestStats, SamplingParams, SpecEngine, resolve_hierarchy
+from hispec.spec import (BatchPolicy, EngineConfig, Request, RequestStats, SamplingParams, SpecEngine, load_policy,
+                         resolve_hierarchy)
 from hispec.spec.hierarchy import METHODS
 from hispec.spec.request import cut_at_stop
 
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hispec generate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint directory (default: bundled)")
-    parser.add_argument("--method", choices=METHODS, default="hispec", help="decoding method (default: hispec)")
+    parser.add_argument("--method", choices=(*METHODS, "auto"), default="hispec",
+                        help="decoding method (default: hispec); auto: the tuned hierarchy for each batch size")
     parser.add_argument("--exits", type=int_list, help="exit layers E0[,E1..] below the last layer")
     parser.add_argument("--budgets", type=int_list, help="tokens per level N0[,N1..], one per exit")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -94,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = load_model(args.model, dtype=args.dtype)
     try:
-        hierarchy = resolve_hierarchy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
+        if args.method == "auto":
+            if args.exits or args.budgets:
+                raise ValueError("--method auto takes its hierarchies from the tuning data, not --exits/--budgets")
+            hierarchy = load_policy(args.model, model.config.num_layers) or BatchPolicy.fixed(
+                resolve_hierarchy("hispec", model.config.num_layers, args.model))
+        else:
+            hierarchy = resolve_hierarchy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
     except ValueError as error:
         parser.error(str(error))
     if args.compile:
@@ -127,14 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         text, _ = cut_at_stop(detokenize(result.token_ids), stops)
         if args.json:
             print(json.dumps({"prompt": prompt, "text": text, "token_ids": result.token_ids,
-                              "finish_reason": result.finish_reason, "stats": result.stats.to_dict(hierarchy)}))
+                              "finish_reason": result.finish_reason, "stats": result.stats.to_dict(result.hierarchy or engine.hierarchy)}))
         elif request.on_tokens is not None:
             request.on_tokens.__self__.finish(text)
             print(f"\n[finish_reason={result.finish_reason}]")
         else:
             print(f"{prompt}{text}\n[finish_reason={result.finish_reason}]\n")
     if not args.json:
-        print(summary(hierarchy, RequestStats.total(hierarchy, [r.stats for r in results]), elapsed), file=sys.stderr)
+        for used in dict.fromkeys(r.hierarchy for r in results if r.hierarchy is not None):
+            stats = RequestStats.total(used, [r.stats for r in results if r.hierarchy == used])
+            print(summary(used, stats, elapsed), file=sys.stderr)
     return 0
 
 

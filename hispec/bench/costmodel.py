@@ -4,11 +4,11 @@ The engine logs every forward by shape (`SpecEngine.forward_log`: layers, sequen
 sequence, exit-head rows, prefill or not). Acceptance rates decide that log: a method that
 accepts more runs fewer, wider target forwards. `CostTable.recording(model)` times the model's
 own work while runs happen — each forward's planning (positions, mask, rotary rows), its layers,
-and the exit head — and keeps, per shape, the median seconds per layer, per plan and per head
-call. Timing in place matters on a CPU: an isolated probe sees caches in another state than a
+and the exit head — and keeps, per shape, the median seconds of the plan, of the forward and of
+the head call. Timing in place matters on a CPU: an isolated probe sees caches in another state than a
 real step, and on this 2-core VM that moved per-layer costs by 2x either way.
 
-`price(log)` = sum over shapes of count x (plan + layers x per-layer + head): the time the
+`price(log)` = sum over shapes of count x (plan + forward + head): the time the
 algorithm needs with this runtime. Measured time / that time is the engine's own overhead
 (scheduling, buffers, sampling decisions, Python), the part an implementation can remove.
 """
@@ -28,7 +28,9 @@ from hispec.spec.engine import ForwardShape
 class CostTable:
     def __init__(self) -> None:
         self.plan_samples: dict[tuple[int, int, bool], list[float]] = defaultdict(list)  # (B, T, prefill)
-        self.layer_samples: dict[tuple[int, int, bool], list[float]] = defaultdict(list)  # seconds per layer
+        # (layers, B, T, prefill) -> seconds of the whole forward: a forward over few layers carries the
+        # same fixed cost (length checks, dispatch warm-up) as a deep one, so cost is not layers x a rate
+        self.forward_samples: dict[tuple[int, int, int, bool], list[float]] = defaultdict(list)
         self.head_samples: dict[int, list[float]] = defaultdict(list)  # rows -> seconds
 
     @contextmanager
@@ -49,7 +51,7 @@ class CostTable:
         def timed_forward(hidden, step, cache, lo, hi):
             started = time.perf_counter()
             out = forward_layers(hidden, step, cache, lo, hi)
-            self.layer_samples[key(step)].append((time.perf_counter() - started) / (hi - lo))
+            self.forward_samples[(hi - lo, *key(step))].append(time.perf_counter() - started)
             return out
 
         def timed_head(hidden):
@@ -66,10 +68,10 @@ class CostTable:
             del model.plan, model.forward_layers, model.exit_logits  # back to the class methods
 
     def forward_seconds(self, shape: ForwardShape) -> float:
-        key = (shape.batch, shape.tokens, shape.prefill)
-        if key not in self.layer_samples:
+        key = (shape.layers, shape.batch, shape.tokens, shape.prefill)
+        if key not in self.forward_samples:
             raise KeyError(f"no timings recorded for forwards of shape {key}")
-        seconds = statistics.median(self.plan_samples[key]) + shape.layers * statistics.median(self.layer_samples[key])
+        seconds = statistics.median(self.plan_samples[key[1:]]) + statistics.median(self.forward_samples[key])
         if shape.head_rows:
             seconds += statistics.median(self.head_samples[shape.head_rows])
         return seconds
@@ -83,8 +85,8 @@ class CostTable:
             return round(statistics.median(samples) * 1e6, 1)
 
         return {
-            "forward_us": {f"B{b}xT{t}{'-prefill' if p else ''}": {"plan": us(self.plan_samples[(b, t, p)]),
-                                                                   "per_layer": us(v), "samples": len(v)}
-                           for (b, t, p), v in sorted(self.layer_samples.items())},
+            "forward_us": {f"{n}layers-B{b}xT{t}{'-prefill' if p else ''}": {
+                "plan": us(self.plan_samples[(b, t, p)]), "forward": us(v), "per_layer": round(us(v) / n, 1),
+                "samples": len(v)} for (n, b, t, p), v in sorted(self.forward_samples.items())},
             "head_us": {str(rows): us(v) for rows, v in sorted(self.head_samples.items())},
         }

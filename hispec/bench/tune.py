@@ -115,15 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         hierarchy = Hierarchy(L, tuple(row["exits"]), tuple(row["budgets"]))
         row["measured_tokens_per_s"] = statistics.median(run(hierarchy)["measured_tokens_per_s"] for _ in range(3))
     rows[0]["measured_tokens_per_s"] = statistics.median(run(Hierarchy(L))["measured_tokens_per_s"] for _ in range(3))
+    by_batch, policy = batch_size_policy(model, costs, winners, args, lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": str(args.model), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "ar": rows[0], "winners": winners, "candidates": rows[1:], "cost_table": costs.to_dict()}
+              "ar": rows[0], "winners": winners, "batch_sizes": by_batch, "by_batch_size": policy,
+              "candidates": rows[1:], "cost_table": costs.to_dict()}
     (out_dir / "tune_results.json").write_text(json.dumps(report, indent=1) + "\n")
     draw(rows, L, out_dir)
     if not args.no_write_config:
         config = {"methods": {m: {"exits": r["exits"], "budgets": r["budgets"],
                                   "predicted_tokens_per_s": r["predicted_tokens_per_s"]} for m, r in winners.items()},
                   "ar_predicted_tokens_per_s": rows[0]["predicted_tokens_per_s"],
+                  "by_batch_size": policy,
+                  "crossover_batch_size": crossover(by_batch),
                   "tuned_with": f"hispec tune ({len(prompts)} held-out prompts x {args.max_new_tokens} tokens, "
                                 f"greedy, batch 1, fp32, ranked by the cost model)"}
         (args.model / TUNED_CONFIG_NAME).write_text(json.dumps(config, indent=1) + "\n")
@@ -131,8 +135,55 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in winners.items():
         print(f"{name}: exits {row['exits']} budgets {row['budgets']}: {row['predicted_tokens_per_s']} tok/s predicted, "
               f"{row['measured_tokens_per_s']} measured, acceptance {row['acceptance']}")
+    print("by batch size:", json.dumps(policy), "crossover:", json.dumps(crossover(by_batch)))
     print(f"wrote {out_dir}/tune_results.json, hispec_heatmap.png, layerskip_sweep.png")
     return 0
+
+
+POLICY_BATCH_SIZES = (1, 2, 4, 8, 16)
+
+
+def batch_size_policy(model, costs: CostTable, winners: dict, args, lines: list[str]) -> tuple[dict, list[dict]]:
+    """Predicted tokens/s of ar and the two winners at each batch size, and the policy that picks
+    the fastest per size: [{"max_batch_size": B or None, "method": name}, ...]."""
+    L = model.config.num_layers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    prompts = (prompts[args.skip_prompts :] + prompts)[: max(POLICY_BATCH_SIZES)]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    methods = {"ar": Hierarchy(L)} | {m: Hierarchy(L, tuple(r["exits"]), tuple(r["budgets"])) for m, r in winners.items()}
+    by_batch: dict[str, dict] = {}
+    for size in tqdm(POLICY_BATCH_SIZES, desc="batch sizes", unit="size"):
+        requests = prompt_ids[: max(size, 2)]
+        by_batch[str(size)] = {}
+        for name, hierarchy in methods.items():
+            engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=size))
+            with costs.recording(model):
+                started = time.perf_counter()
+                results = engine.generate([Request(ids, args.max_new_tokens) for ids in requests])
+                seconds = time.perf_counter() - started
+            tokens = sum(len(r.token_ids) for r in results)
+            by_batch[str(size)][name] = {"predicted_tokens_per_s": round(tokens / costs.price(engine.forward_log), 2),
+                                         "measured_tokens_per_s": round(tokens / seconds, 2)}
+    best = [(size, max(by_batch[str(size)], key=lambda m: by_batch[str(size)][m]["predicted_tokens_per_s"]))
+            for size in POLICY_BATCH_SIZES]
+    policy: list[dict] = []
+    for size, method in best:
+        if policy and policy[-1]["method"] == method:
+            policy[-1]["max_batch_size"] = size
+        else:
+            policy.append({"max_batch_size": size, "method": method})
+    policy[-1]["max_batch_size"] = None
+    return by_batch, policy
+
+
+def crossover(by_batch: dict) -> dict:
+    """Per speculative method: the smallest batch size where plain decoding is predicted at least as fast."""
+    return {m: next((int(b) for b, e in by_batch.items()
+                     if e["ar"]["predicted_tokens_per_s"] >= e[m]["predicted_tokens_per_s"]), None)
+            for m in ("layerskip", "hispec")}
 
 
 def draw(rows: list[dict], num_layers: int, out_dir: Path) -> None:

@@ -1,13 +1,13 @@
 """Hierarchical speculative decoding on an early-exit model (no Ray, no gRPC here)."""
 
 from hispec.spec.engine import EngineConfig, SpecEngine
-from hispec.spec.hierarchy import Hierarchy, paper_default, resolve_hierarchy
+from hispec.spec.hierarchy import BatchPolicy, Hierarchy, load_policy, paper_default, resolve_hierarchy
 from hispec.spec.rejection import RejectionSampler, Verdict
 from hispec.spec.request import GenerationResult, Request, StepOutput
 from hispec.spec.sampling import SamplingParams
 from hispec.spec.stats import RequestStats
 
 __all__ = [
-    "EngineConfig", "GenerationResult", "Hierarchy", "RejectionSampler", "Request", "RequestStats",
-    "SamplingParams", "SpecEngine", "StepOutput", "Verdict", "paper_default", "resolve_hierarchy",
+    "BatchPolicy", "EngineConfig", "GenerationResult", "Hierarchy", "RejectionSampler", "Request", "RequestStats",
+    "SamplingParams", "SpecEngine", "StepOutput", "Verdict", "load_policy", "paper_default", "resolve_hierarchy",
 ]

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from hispec.model.model import EarlyExitModel
-from hispec.spec.hierarchy import Hierarchy
+from hispec.spec.hierarchy import BatchPolicy, Hierarchy
 from hispec.spec.rejection import RejectionSampler, Verdict, verify_greedy
 from hispec.spec.request import GenerationResult, Request, StepOutput, cut_at_stop
 from hispec.spec.sampling import SAMPLE, keyed_uniform, processed_probs, sample_from
@@ -69,6 +69,21 @@ class Feed:
 
 
 @dataclass
+class Lane:
+    """Buffers of one hierarchy. A request decodes in the lane of the hierarchy it was admitted
+    with; lanes share the model and the KV cache (per layer, per slot: hierarchy-agnostic)."""
+
+    hierarchy: Hierarchy
+    # Hidden states at exit e_j of tokens level j ran that level j+1 has not: [slots, W + 1, d],
+    # indexed by position % W; column W takes the padding of ragged batches.
+    hidden_rings: list[torch.Tensor]
+    # Level j's processed distribution at each of its unverified positions [slots, W, V]
+    # (fp32; allocated on the lane's first sampled request).
+    prob_rings: list[torch.Tensor] | None
+    total_stats: RequestStats
+
+
+@dataclass
 class LevelLogits:
     """The exit head's output for one level's feeds that asked for it."""
 
@@ -82,7 +97,7 @@ class SpecEngine:
     def __init__(
         self,
         model: EarlyExitModel,
-        hierarchy: Hierarchy,
+        hierarchy: Hierarchy | BatchPolicy,
         config: EngineConfig = EngineConfig(),
         *,
         detokenize: Callable[[Sequence[int]], str] | None = None,
@@ -91,30 +106,41 @@ class SpecEngine:
         L = model.config.num_layers
         if model.layer_range != (0, L) or model.embed_tokens is None or model.lm_head is None:
             raise ValueError("the engine needs the whole model (all layers, embeddings and head)")
-        if hierarchy.num_layers != L:
-            raise ValueError(f"hierarchy is for {hierarchy.num_layers} layers, the model has {L}")
-        self.model, self.hierarchy, self.config = model, hierarchy, config
+        self.policy = hierarchy if isinstance(hierarchy, BatchPolicy) else BatchPolicy.fixed(hierarchy)
+        if self.policy.choose(1).num_layers != L:
+            raise ValueError(f"hierarchy is for {self.policy.choose(1).num_layers} layers, the model has {L}")
+        self.model, self.config = model, config
+        self.hierarchy = self.policy.choose(1)  # what a lone request gets
         self.detokenize = detokenize
         self.verifier = verifier or RejectionSampler()
         self.capacity = min(config.max_context or model.config.max_position_embeddings,
                             model.config.max_position_embeddings)
         self.cache = model.new_cache(num_slots=config.max_batch_size, capacity=self.capacity)
-        K, W = hierarchy.depth, hierarchy.window
         slots, d = config.max_batch_size, model.config.hidden_size
-        # Hidden states at exit e_j of tokens level j ran that level j+1 has not: [slots, W + 1, d],
-        # indexed by position % W; column W takes the padding of ragged batches.
-        self.hidden_rings = [torch.zeros(slots, W + 1, d, dtype=model.dtype, device=model.device) for _ in range(K)]
-        # Level j's processed distribution at each of its unverified positions [slots, W, V]
-        # (fp32; allocated on the first sampled request).
-        self.prob_rings: list[torch.Tensor] | None = None
+        self.lanes = {
+            h: Lane(h, [torch.zeros(slots, h.window + 1, d, dtype=model.dtype, device=model.device)
+                        for _ in range(h.depth)], None, RequestStats.total(h, []))
+            for h in self.policy.hierarchies
+        }
         self.waiting: deque[Request] = deque()
         self.running: dict[str, SequenceState] = {}
         self.free_slots = list(range(slots))
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
-        self.total_stats = RequestStats.total(hierarchy, [])
         # Every forward run, by shape -> count. The cost model (hispec.bench.costmodel) prices this
-        # log with per-shape costs measured in isolation.
+        # log with per-shape costs.
         self.forward_log: Counter[ForwardShape] = Counter()
+
+    @property
+    def hidden_rings(self) -> list[torch.Tensor]:
+        return self.lanes[self.hierarchy].hidden_rings
+
+    @property
+    def total_stats(self) -> RequestStats:
+        """Aggregate statistics of finished requests decoded with `self.hierarchy`."""
+        return self.lanes[self.hierarchy].total_stats
+
+    def stats_by_hierarchy(self) -> dict[str, dict]:
+        return {h.describe(): lane.total_stats.to_dict(h) for h, lane in self.lanes.items() if lane.total_stats.requests}
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request: Request) -> str:
@@ -166,16 +192,18 @@ class SpecEngine:
     def step(self) -> list[StepOutput]:
         active = list(self.running.values())  # admitted this step: prefill only
         outputs = self._admit_and_prefill()
-        if active:
-            actions = {seq.slot: seq.next_action(self.hierarchy) for seq in active}
-            feeds = self._plan_feeds(active, actions)
-            level_logits = self._sweep(feeds)
-            for seq in active:
+        for lane in self.lanes.values():
+            members = [seq for seq in active if seq.hierarchy == lane.hierarchy]
+            if not members:
+                continue
+            actions = {seq.slot: seq.next_action() for seq in members}
+            level_logits = self._sweep(lane, self._plan_feeds(lane.hierarchy, members, actions))
+            for seq in members:
                 level = actions[seq.slot]
                 if level == 0:
-                    self._draft(seq, level_logits[0])
+                    self._draft(seq, level_logits[0], lane)
                 else:
-                    self._verify(seq, level, level_logits[level])
+                    self._verify(seq, level, level_logits[level], lane)
                 if seq.accepted[-1] > seq.committed_before_step:
                     outputs.append(self._commit(seq))
         for out in outputs:  # side effects last, outside the model's path
@@ -184,9 +212,9 @@ class SpecEngine:
                 callback(out.new_token_ids)
         return outputs
 
-    def _plan_feeds(self, active: list[SequenceState], actions: dict[int, int]) -> list[list[Feed]]:
+    def _plan_feeds(self, hierarchy: Hierarchy, active: list[SequenceState], actions: dict[int, int]) -> list[list[Feed]]:
         """Per level, what each sequence runs through that level's layers this step."""
-        feeds: list[list[Feed]] = [[] for _ in range(self.hierarchy.depth + 1)]
+        feeds: list[list[Feed]] = [[] for _ in range(hierarchy.depth + 1)]
         for seq in sorted(active, key=lambda s: s.slot):  # slot order: contiguous slots read as views
             seq.committed_before_step = seq.committed
             k = actions[seq.slot]
@@ -201,7 +229,7 @@ class SpecEngine:
             feeds[k].append(Feed(seq, seq.fed[k], end - seq.fed[k], True))
         return feeds
 
-    def _sweep(self, feeds: list[list[Feed]]) -> list[LevelLogits | None]:
+    def _sweep(self, lane: Lane, feeds: list[list[Feed]]) -> list[LevelLogits | None]:
         """Run the levels bottom-up. Consecutive levels fed the very same one-token catch-ups
         (always so at batch size 1) run as one forward over their joint layers."""
         out: list[LevelLogits | None] = [None] * len(feeds)
@@ -211,14 +239,15 @@ class SpecEngine:
             while last + 1 < len(feeds) and _same_catch_ups(feeds[first], feeds[last + 1]):
                 last += 1
             if feeds[first]:
-                out[last] = self._run_levels(first, last, feeds[first])
+                out[last] = self._run_levels(lane, first, last, feeds[first])
             first = last + 1
         return out
 
-    def _run_levels(self, first: int, last: int, feeds: list[Feed]) -> LevelLogits | None:
+    def _run_levels(self, lane: Lane, first: int, last: int, feeds: list[Feed]) -> LevelLogits | None:
         """One ragged forward of levels first..last's layers over `feeds`; exit head on the rows asked for."""
-        model, W, K = self.model, self.hierarchy.window, self.hierarchy.depth
-        lo, hi = self.hierarchy.layer_range(first)[0], self.hierarchy.layer_range(last)[1]
+        model, hierarchy = self.model, lane.hierarchy
+        W, K = hierarchy.window, hierarchy.depth
+        lo, hi = hierarchy.layer_range(first)[0], hierarchy.layer_range(last)[1]
         slots = [f.seq.slot for f in feeds]
         step = model.plan(self.cache, slots, [f.count for f in feeds], layer=lo)
         T = step.width
@@ -229,10 +258,10 @@ class SpecEngine:
             ids = [f.seq.tokens[f.start : f.start + f.count] + [0] * (T - f.count) for f in feeds]
             hidden = model.embed(torch.tensor(ids, device=model.device))
         else:
-            hidden = _ring_read(self.hidden_rings[first - 1], step, ring_columns)  # [B, T, d]
+            hidden = _ring_read(lane.hidden_rings[first - 1], step, ring_columns)  # [B, T, d]
         hidden = model.forward_layers(hidden, step, self.cache, lo, hi)  # [B, T, d]
         if last < K:
-            _ring_write(self.hidden_rings[last], step, ring_columns, hidden)
+            _ring_write(lane.hidden_rings[last], step, ring_columns, hidden)
         for f in feeds:
             for level in range(first, last + 1):
                 f.seq.fed[level] += f.count
@@ -264,7 +293,7 @@ class SpecEngine:
         return LevelLogits(rows, logits, logits.argmax(-1).tolist(), probs)  # host sync
 
     # ---- decisions -----------------------------------------------------------------------
-    def _draft(self, seq: SequenceState, out: LevelLogits) -> None:
+    def _draft(self, seq: SequenceState, out: LevelLogits, lane: Lane) -> None:
         """Level 0 proposes the token after its chain (for K = 0 this is the output)."""
         position = seq.accepted[0]
         if seq.sampling.greedy:
@@ -272,17 +301,17 @@ class SpecEngine:
         else:
             q = out.probs[seq.slot][0]
             token = sample_from(q, keyed_uniform(seq.sampling.seed, 0, position, seq.attempts[0], SAMPLE))
-            if self.hierarchy.depth:
-                self.prob_rings[0][seq.slot, position % self.hierarchy.window] = q
+            if lane.hierarchy.depth:
+                lane.prob_rings[0][seq.slot, position % lane.hierarchy.window] = q
         seq.attempts[0] += 1
         seq.stats.levels[0].proposed += 1
         seq.stats.levels[0].rounds += 1
         seq.tokens.append(token)
         seq.accepted[0] += 1
 
-    def _verify(self, seq: SequenceState, k: int, out: LevelLogits) -> None:
+    def _verify(self, seq: SequenceState, k: int, out: LevelLogits, lane: Lane) -> None:
         """Level k checks the tokens level k-1 holds beyond its own chain."""
-        W, start = self.hierarchy.window, seq.accepted[k]
+        W, start = lane.hierarchy.window, seq.accepted[k]
         proposals = seq.tokens[start : seq.accepted[k - 1]]
         first_row = out.rows[seq.slot]
         n_rows = seq.fed[k] - (start - 1)  # this level's distributions at positions start, start + 1, ...
@@ -291,7 +320,7 @@ class SpecEngine:
         else:
             p = out.probs[seq.slot]
             columns = [(start + i) % W for i in range(len(proposals))]
-            q = self.prob_rings[k - 1][seq.slot, columns]  # [n, V]
+            q = lane.prob_rings[k - 1][seq.slot, columns]  # [n, V]
             seed, attempt = seq.sampling.seed, seq.attempts[k]
             verdict = self.verifier.verify(
                 proposals, p, q, lambda i, purpose: keyed_uniform(seed, k, start + i, attempt, purpose)
@@ -302,9 +331,9 @@ class SpecEngine:
         level_stats.accepted += verdict.accepted
         level_stats.rounds += 1
         self._apply_verdict(seq, k, verdict)
-        if not seq.sampling.greedy and k < self.hierarchy.depth:
+        if not seq.sampling.greedy and k < lane.hierarchy.depth:
             kept = seq.accepted[k] - start  # this level's rows at the kept positions are the next level's q
-            self.prob_rings[k][seq.slot, [(start + i) % W for i in range(kept)]] = out.probs[seq.slot][:kept]
+            lane.prob_rings[k][seq.slot, [(start + i) % W for i in range(kept)]] = out.probs[seq.slot][:kept]
 
     def _apply_verdict(self, seq: SequenceState, k: int, verdict: Verdict) -> None:
         """Level k's chain becomes its accepted prefix + the recovered/bonus token; every level
@@ -319,7 +348,7 @@ class SpecEngine:
         for j in range(k + 1):
             seq.accepted[j] = new_len
             seq.fed[j] = new_len - 1
-        self.cache.rollback((0, self.hierarchy.layer_range(k)[1]), [seq.slot], [new_len - 1])
+        self.cache.rollback((0, seq.hierarchy.layer_range(k)[1]), [seq.slot], [new_len - 1])
 
     def _commit(self, seq: SequenceState) -> StepOutput:
         """Apply stop conditions to tokens the target just committed; finish if one holds."""
@@ -361,9 +390,10 @@ class SpecEngine:
         self.cache.release([seq.slot])
         self.free_slots.append(seq.slot)
         seq.stats.new_tokens = seq.committed - seq.prompt_len
-        self.total_stats = RequestStats.total(self.hierarchy, [self.total_stats, seq.stats])
+        lane = self.lanes[seq.hierarchy]
+        lane.total_stats = RequestStats.total(seq.hierarchy, [lane.total_stats, seq.stats])
         return GenerationResult(seq.request.request_id, seq.request.prompt_ids, seq.generated(),
-                                seq.finish_reason, seq.stats, seq.stop_string)
+                                seq.finish_reason, seq.stats, seq.stop_string, seq.hierarchy)
 
     # ---- admission -------------------------------------------------------------------------
     def _admit_and_prefill(self) -> list[StepOutput]:
@@ -384,17 +414,19 @@ class SpecEngine:
         return outputs
 
     def _new_sequence(self, request: Request) -> SequenceState:
-        K, P = self.hierarchy.depth, len(request.prompt_ids)
+        hierarchy = self.policy.choose(len(self.running) + 1)  # by the batch size it joins
+        lane, K, P = self.lanes[hierarchy], hierarchy.depth, len(request.prompt_ids)
         sampling = request.sampling.with_seed()
-        if not sampling.greedy and self.prob_rings is None and K:
-            shape = (self.config.max_batch_size, self.hierarchy.window, self.model.config.vocab_size)
-            self.prob_rings = [torch.zeros(shape, device=self.model.device) for _ in range(K)]
+        if not sampling.greedy and lane.prob_rings is None and K:
+            shape = (self.config.max_batch_size, hierarchy.window, self.model.config.vocab_size)
+            lane.prob_rings = [torch.zeros(shape, device=self.model.device) for _ in range(K)]
         stop_ids = self.model.config.eos_token_ids if request.stop_token_ids is None else request.stop_token_ids
         seq = SequenceState(
-            request=request, sampling=sampling, slot=self.free_slots.pop(0), stop_token_ids=frozenset(stop_ids),
+            request=request, hierarchy=hierarchy, sampling=sampling, slot=self.free_slots.pop(0),
+            stop_token_ids=frozenset(stop_ids),
             limit=min(P + request.max_new_tokens, self.capacity + 1),
             tokens=list(request.prompt_ids), accepted=[P] * (K + 1), fed=[0] * (K + 1),
-            attempts=[0] * (K + 1), stats=RequestStats.empty(self.hierarchy),
+            attempts=[0] * (K + 1), stats=RequestStats.empty(hierarchy),
         )
         self.running[request.request_id] = seq
         if request.on_tokens is not None:
@@ -404,7 +436,7 @@ class SpecEngine:
     def _prefill(self, admitted: list[SequenceState]) -> list[StepOutput]:
         """Run whole prompts through every layer; the target's distribution after the prompt
         gives the first token, committed at once."""
-        model, K, L = self.model, self.hierarchy.depth, self.model.config.num_layers
+        model, L = self.model, self.model.config.num_layers
         lengths = [s.prompt_len for s in admitted]
         step = model.plan(self.cache, [s.slot for s in admitted], lengths, layer=0)
         T = step.width
@@ -417,7 +449,7 @@ class SpecEngine:
         argmax = logits.argmax(-1).tolist()  # host sync
         outputs = []
         for b, seq in enumerate(admitted):
-            P = seq.prompt_len
+            P, K = seq.prompt_len, seq.hierarchy.depth
             if seq.sampling.greedy:
                 token = argmax[b]
             else:

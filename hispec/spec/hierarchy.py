@@ -119,3 +119,48 @@ def resolve_hierarchy(
     else:
         raise ValueError(f"give one budget per exit (--budgets) for exits {exits}")
     return Hierarchy(num_layers, exits, budgets)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """Which hierarchy a request gets, by the batch size when it is admitted (from tuning: under
+    load, speculation can cost more than it saves). `rules` are (max batch size, hierarchy) in
+    ascending order; the last rule's bound is None (any size)."""
+
+    rules: tuple[tuple[int | None, Hierarchy], ...]
+
+    def __post_init__(self) -> None:
+        bounds = [b for b, _ in self.rules]
+        if not self.rules or bounds[-1] is not None or any(b is None or b < 1 for b in bounds[:-1]) \
+                or bounds[:-1] != sorted(set(bounds[:-1])):
+            raise ValueError(f"policy bounds must be ascending positive sizes ending with None, got {bounds}")
+        if len({h.num_layers for _, h in self.rules}) != 1:
+            raise ValueError("every hierarchy of a policy must be for the same model depth")
+
+    @classmethod
+    def fixed(cls, hierarchy: Hierarchy) -> "BatchPolicy":
+        return cls(((None, hierarchy),))
+
+    def choose(self, batch_size: int) -> Hierarchy:
+        return next(h for bound, h in self.rules if bound is None or batch_size <= bound)
+
+    @property
+    def hierarchies(self) -> list[Hierarchy]:
+        return list(dict.fromkeys(h for _, h in self.rules))
+
+    def describe(self) -> str:
+        return "; ".join(f"{'any' if b is None else f'<= {b}'}: {h.describe()}" for b, h in self.rules)
+
+
+def load_policy(model_dir: Path, num_layers: int) -> BatchPolicy | None:
+    """The batch-size policy stored by `hispec tune` ({"by_batch_size": [{"max_batch_size", "method"}]})."""
+    path = Path(model_dir) / TUNED_CONFIG_NAME
+    if not path.is_file():
+        return None
+    rules = json.loads(path.read_text()).get("by_batch_size")
+    if not rules:
+        return None
+    tuned = load_tuned(model_dir, num_layers)
+    return BatchPolicy(tuple(
+        (rule["max_batch_size"], Hierarchy(num_layers) if rule["method"] == "ar" else tuned[rule["method"]])
+        for rule in rules))

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from hispec.spec.hierarchy import Hierarchy
 from hispec.spec.sampling import SamplingParams
 from hispec.spec.stats import RequestStats
 
@@ -45,6 +46,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens), "context" (context full), "abort"
     stats: RequestStats
     stop_string: str | None = None  # the stop string that ended generation, if any
+    hierarchy: "Hierarchy | None" = None  # what it was decoded with (None: never admitted)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from hispec.spec.stats import RequestStats
 @dataclass
 class SequenceState:
     request: Request
+    hierarchy: Hierarchy  # chosen at admission; the sequence keeps it
     sampling: SamplingParams  # with a concrete seed
     slot: int
     stop_token_ids: frozenset[int]
@@ -51,10 +52,11 @@ class SequenceState:
         end = self.accepted[level]
         return end >= self.limit or self.tokens[end - 1] in self.stop_token_ids
 
-    def next_action(self, hierarchy: Hierarchy) -> int:
+    def next_action(self) -> int:
         """0: draft a token (for K = 0: decode one); k >= 1: verify level k-1's extra tokens at level k.
 
         The deepest level with enough proposals goes first: its verdict may discard them all."""
+        hierarchy = self.hierarchy
         for k in range(hierarchy.depth, 0, -1):
             waiting = self.accepted[k - 1] - self.accepted[k]
             if waiting >= hierarchy.budgets[k - 1] or (waiting > 0 and self.closed(k - 1)):

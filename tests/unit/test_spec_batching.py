@@ -89,3 +89,36 @@ def test_bad_requests_are_refused_clearly(model):
     (result,) = [o.result for o in engine.step() if o.finished] or [None]
     assert result is None  # the good request is still decoding
     assert engine.generate([Request([7], 0)])[0].finish_reason == "length"
+
+
+def test_batch_size_policy_gives_each_request_a_hierarchy_and_stays_exact(model):
+    """Requests admitted alone speculate deeply; under load they get plain decoding. Lanes of
+    different hierarchies decode side by side in one engine, every output still exact."""
+    from hispec.model.greedy import greedy_generate
+    from hispec.spec import BatchPolicy
+
+    hispec, layerskip, ar = Hierarchy(6, (1, 3), (2, 4)), Hierarchy(6, (2,), (3,)), Hierarchy(6)
+    policy = BatchPolicy(((1, hispec), (2, layerskip), (None, ar)))
+    assert [policy.choose(b) for b in (1, 2, 3, 9)] == [hispec, layerskip, ar, ar]
+    engine = SpecEngine(model, policy, EngineConfig(max_batch_size=3))
+    requests = make_requests(model.config.vocab_size)
+    greedy = [r for r in requests if r.sampling.greedy]
+    results, pending, steps = {}, list(greedy), 0
+    while pending or engine.has_unfinished():
+        if pending and steps % 4 == 0:
+            engine.add_request(pending.pop(0))
+        results |= {o.request_id: o.result for o in engine.step() if o.finished}
+        steps += 1
+    for request in greedy:
+        expected, _ = greedy_generate(model, request.prompt_ids, request.max_new_tokens)
+        assert results[request.request_id].token_ids == expected
+    assert len(engine.stats_by_hierarchy()) >= 2  # more than one lane was used
+
+
+def test_bad_policies():
+    from hispec.spec import BatchPolicy
+
+    h = Hierarchy(6)
+    for rules in [(), ((2, h), (1, h), (None, h)), ((2, h),), ((0, h), (None, h)), ((1, h), (None, Hierarchy(4)))]:
+        with pytest.raises(ValueError):
+            BatchPolicy(rules)
