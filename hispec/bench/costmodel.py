@@ -4,13 +4,16 @@ The engine logs every forward by shape (`SpecEngine.forward_log`: layers, sequen
 sequence, exit-head rows, prefill or not). Acceptance rates decide that log: a method that
 accepts more runs fewer, wider target forwards. `CostTable.recording(model)` times the model's
 own work while runs happen — each forward's planning (positions, mask, rotary rows), its layers,
-and the exit head — and keeps, per shape, the median seconds of the plan, of the forward and of
-the head call. Timing in place matters on a CPU: an isolated probe sees caches in another state than a
+and the exit head — and keeps, per shape, the mean seconds of the plan, of the forward and of the
+head call. The mean, not the median: timings on this VM are right-skewed (a 2-layer draft forward:
+median 734 us, mean 763 us), and the expected cost of a forward is what a run pays; priced with
+means, the prediction of a run equals the time its model work took. Timing in place matters on a CPU: an isolated probe sees caches in another state than a
 real step, and on this 2-core VM that moved per-layer costs by 2x either way.
 
 `price(log)` = sum over shapes of count x (plan + forward + head): the time the
 algorithm needs with this runtime. Measured time / that time is the engine's own overhead
-(scheduling, buffers, sampling decisions, Python), the part an implementation can remove.
+(scheduling, buffers, sampling decisions, Python), the part an implementation can remove:
+1 - measured/predicted is the share of the run spent outside the model's forwards.
 """
 
 from __future__ import annotations
@@ -71,9 +74,9 @@ class CostTable:
         key = (shape.layers, shape.batch, shape.tokens, shape.prefill)
         if key not in self.forward_samples:
             raise KeyError(f"no timings recorded for forwards of shape {key}")
-        seconds = statistics.median(self.plan_samples[key[1:]]) + statistics.median(self.forward_samples[key])
+        seconds = statistics.fmean(self.plan_samples[key[1:]]) + statistics.fmean(self.forward_samples[key])
         if shape.head_rows:
-            seconds += statistics.median(self.head_samples[shape.head_rows])
+            seconds += statistics.fmean(self.head_samples[shape.head_rows])
         return seconds
 
     def price(self, log: Counter) -> float:
@@ -82,7 +85,7 @@ class CostTable:
 
     def to_dict(self) -> dict:
         def us(samples):
-            return round(statistics.median(samples) * 1e6, 1)
+            return round(statistics.fmean(samples) * 1e6, 1)
 
         return {
             "forward_us": {f"{n}layers-B{b}xT{t}{'-prefill' if p else ''}": {
