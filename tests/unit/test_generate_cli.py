@@ -34,7 +34,8 @@ def test_every_method_prints_greedy_output_and_stats(capsys, prompts_file):
     model = load_model(DEFAULT_MODEL)
     expected = [greedy_generate(model, tokenizer(p)["input_ids"], 40, model.config.eos_token_ids)[0] for p in PROMPTS]
     for args in (["--method", "ar"], ["--method", "layerskip", "--exits", "3", "--budgets", "5"],
-                 ["--method", "hispec"], ["--method", "hispec", "--exits", "1,3,6", "--budgets", "2,2,3"]):
+                 ["--method", "hispec"], ["--method", "hispec", "--exits", "1,3,6", "--budgets", "2,2,3"],
+                 ["--method", "auto"]):
         records = run_json(capsys, "--prompts", str(prompts_file), "--max-new-tokens", "40", *args)
         assert [r["prompt"] for r in records] == PROMPTS
         assert [r["token_ids"] for r in records] == expected
@@ -68,6 +69,7 @@ def test_stop_string_and_streamed_text(capsys):
     (["--temperature", "nan"], "temperature"),
     (["--max-new-tokens", "-3"], "max-new-tokens"),
     (["--exits", "a,b"], "comma-separated integers"),
+    (["--method", "auto", "--exits", "2"], "tuning data"),
 ])
 def test_bad_arguments_exit_2_with_a_message(capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
