@@ -85,5 +85,7 @@ def test_bench_writes_results_and_plots(checkpoint, tmp_path):
     assert set(results["batch_sizes"]) == {"1", "2"} and all(
         e["identical_to_ar"] for entry in results["batch_sizes"].values() for e in entry.values())
     assert set(results["crossover_batch_size"]) == {"layerskip", "hispec"}
+    sweep = results["hf_early_exit_sweep"]["tokens_per_s_by_exit"]  # transformers' LayerSkip at its best exit
+    assert results["methods"]["hf-early-exit"]["hierarchy"] == f"assistant_early_exit={max(sweep, key=sweep.get)}"
     for png in ("tokens_per_s.png", "acceptance.png", "throughput_vs_batch.png"):
         assert (tmp_path / png).stat().st_size > 1000
