@@ -20,10 +20,10 @@ import torch
 
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
-from hispec.spec import (BatchPolicy, EngineConfig, Request, RequestStats, SamplingParams, SpecEngine, load_policy,
-                         resolve_hierarchy)
-from hispec.spec.hierarchy import METHODS
+from hispec.spec import EngineConfig, Request, RequestStats, SamplingParams, SpecEngine
+from hispec.spec.hierarchy import METHODS, resolve_policy
 from hispec.spec.request import cut_at_stop
+from hispec.spec.text import StreamingText
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = load_model(args.model, dtype=args.dtype)
     try:
-        if args.method == "auto":
-            if args.exits or args.budgets:
-                raise ValueError("--method auto takes its hierarchies from the tuning data, not --exits/--budgets")
-            hierarchy = load_policy(args.model, model.config.num_layers) or BatchPolicy.fixed(
-                resolve_hierarchy("hispec", model.config.num_layers, args.model))
-        else:
-            hierarchy = resolve_hierarchy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
+        hierarchy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
     except ValueError as error:
         parser.error(str(error))
     if args.compile:
@@ -157,28 +151,22 @@ def summary(hierarchy, stats: RequestStats, elapsed: float) -> str:
 
 
 class TextStreamer:
-    """Writes committed text as it arrives, holding back what could still become a stop string."""
+    """Writes committed text to stdout as it becomes stable."""
 
     def __init__(self, detokenize, stops: tuple[str, ...]) -> None:
-        self.detokenize, self.stops = detokenize, stops
-        self.tokens: list[int] = []
-        self.shown = 0
+        self.text = StreamingText(detokenize, stops)
 
     def push(self, new_tokens: list[int]) -> None:
-        self.tokens += new_tokens
-        # decode the whole continuation: byte-level BPE pieces may not be valid text alone
-        text, _ = cut_at_stop(self.detokenize(self.tokens), self.stops)
-        held = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-        self._show(text[: len(text) - held])
+        self._show(self.text.push(new_tokens))
 
     def finish(self, text: str) -> None:
-        self._show(text)
+        self._show(self.text.finish(text))
 
-    def _show(self, text: str) -> None:
-        if len(text) > self.shown:
-            sys.stdout.write(text[self.shown :])
+    @staticmethod
+    def _show(piece: str) -> None:
+        if piece:
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            self.shown = len(text)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,20 @@ def load_policy(model_dir: Path, num_layers: int) -> BatchPolicy | None:
     return BatchPolicy(tuple(
         (rule["max_batch_size"], Hierarchy(num_layers) if rule["method"] == "ar" else tuned[rule["method"]])
         for rule in rules))
+
+
+def resolve_policy(
+    method: str,
+    num_layers: int,
+    model_dir: Path | None,
+    exits: tuple[int, ...] | None = None,
+    budgets: tuple[int, ...] | None = None,
+) -> BatchPolicy:
+    """`method` "auto": the tuned batch-size policy (else the tuned/paper HiSpec hierarchy at any
+    size); any other method: that one hierarchy at every batch size (see `resolve_hierarchy`)."""
+    if method != "auto":
+        return BatchPolicy.fixed(resolve_hierarchy(method, num_layers, model_dir, exits, budgets))
+    if exits or budgets:
+        raise ValueError("method auto takes its hierarchies from the tuning data, not exits/budgets")
+    return (load_policy(model_dir, num_layers) if model_dir else None) or BatchPolicy.fixed(
+        resolve_hierarchy("hispec", num_layers, model_dir))

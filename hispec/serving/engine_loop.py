@@ -1,0 +1,135 @@
+"""The engine's own thread: requests join the running batch between steps (no Ray here).
+
+A Serve replica's event loop must stay free to accept and stream requests while the model
+computes, so the `SpecEngine` runs on a dedicated thread. Other threads hand it requests and
+aborts through an inbox; it hands each request's committed tokens to that request's sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hispec.spec.engine import SpecEngine
+from hispec.spec.request import GenerationResult, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Tokens one step committed for one request; `result` is set on its last event."""
+
+    token_ids: list[int]
+    result: GenerationResult | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request could not be run (refused by the engine, or the engine failed mid-step)."""
+
+    error: Exception
+
+
+Sink = Callable[[Committed | Failed], None]  # called on the engine thread: must be quick, must not block
+
+
+@dataclass(frozen=True)
+class LoopSnapshot:
+    """Load after a step, for metrics and health."""
+
+    queued: int  # submitted, not yet admitted to a KV slot
+    active: int  # sequences holding a KV slot
+    slots: int
+
+
+class EngineLoop:
+    def __init__(self, engine: SpecEngine, on_step: Callable[[LoopSnapshot], None] | None = None) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self._inbox: list[tuple[Request, Sink]] = []
+        self._aborts: list[str] = []
+        self._sinks: dict[str, Sink] = {}
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="hispec-engine", daemon=True)
+
+    # ---- any thread ----------------------------------------------------------------------
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def submit(self, request: Request, sink: Sink) -> None:
+        with self._wakeup:
+            self._inbox.append((request, sink))
+            self._wakeup.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (e.g. its client went away); its sink hears nothing more."""
+        with self._wakeup:
+            self._aborts.append(request_id)
+            self._wakeup.notify()
+
+    def snapshot(self) -> LoopSnapshot:
+        with self._wakeup:
+            inbox = len(self._inbox)
+        return LoopSnapshot(inbox + len(self.engine.waiting), self.engine.num_running, self.engine.config.max_batch_size)
+
+    # ---- the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self._inbox or self._aborts or self.engine.has_unfinished()):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for request, sink in inbox:
+                self._admit(request, sink)
+            for request_id in aborts:
+                if self._sinks.pop(request_id, None) is not None:
+                    self.engine.abort(request_id)
+            if self.engine.has_unfinished():
+                self._step()
+            if self.on_step is not None:
+                self.on_step(self.snapshot())
+        for request_id, sink in list(self._sinks.items()):
+            self.engine.abort(request_id)
+            sink(Failed(RuntimeError("the engine is shutting down")))
+        self._sinks.clear()
+
+    def _admit(self, request: Request, sink: Sink) -> None:
+        try:
+            self.engine.add_request(request)
+        except ValueError as error:
+            sink(Failed(error))
+            return
+        self._sinks[request.request_id] = sink
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # a bug, or out of memory: fail what ran, keep serving the rest
+            log.exception("engine step failed; aborting %d running requests", len(self._sinks))
+            for request_id, sink in list(self._sinks.items()):
+                self.engine.abort(request_id)
+                sink(Failed(error))
+            self._sinks.clear()
+            return
+        for out in outputs:
+            sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None:
+                sink(Committed(out.new_token_ids, out.result))
