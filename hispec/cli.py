@@ -9,6 +9,7 @@ import sys
 SUBCOMMANDS = {
     "generate": ("hispec.generate", "generate text from prompts"),
     "bench": ("hispec.bench.speed", "every decoding method side by side: tokens/s, acceptance, cost model"),
+    "bench-serve": ("hispec.bench.serving", "load a running server with concurrent gRPC streams: tokens/s, latency"),
     "tune": ("hispec.bench.tune", "sweep exits and budgets; store the best hierarchy with the checkpoint"),
     "bench-runtime": ("hispec.bench.runtime", "runtime micro-benchmark vs transformers"),
     "train": ("hispec.train.recipe", "train an early-exit model (LayerSkip recipe)"),

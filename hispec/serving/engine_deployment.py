@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
 from ray import serve
 
 from hispec.model import load_model
 from hispec.serving.config import AppArgs
-from hispec.serving.engine_loop import Committed, EngineLoop, Failed
+from hispec.serving.engine_loop import EngineLoop, Failed
+from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.metrics import EngineMetrics, GpuMonitor
 from hispec.serving.params import GenerationParams, InvalidArgument, Limits
 from hispec.spec import EngineConfig, Request, SpecEngine, resolve_policy
@@ -29,27 +30,7 @@ from hispec.spec.text import StreamingText
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Chunk:
-    """Tokens committed since the previous chunk; the last chunk has `finish_reason` and `stats`."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str = ""  # "stop", "length", "context" on the last chunk
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # so far
-    stats: dict | None = None  # RequestStats.to_dict(hierarchy), last chunk only
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    model: str
-    num_layers: int
-    vocab_size: int
-    max_batch_size: int
-    hierarchies: list[str]
-    limits: Limits
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @serve.deployment(
@@ -63,26 +44,36 @@ class EngineInfo:
 class HiSpecEngine:
     def __init__(self, args: dict) -> None:
         self.args = AppArgs.model_validate(args)
+        # The engine thread drops the GIL at every torch op and Ray's threads (streaming chunks out)
+        # take it in between; a short switch interval hands it back sooner (default 5 ms).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         from transformers import AutoTokenizer
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.args.device == "auto" else self.args.device
-        # Ray sets OMP_NUM_THREADS to the replica's num_cpus; torch_threads overrides it.
-        threads = self.args.torch_threads or torch.get_num_threads()
-        torch.set_num_threads(threads)
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.model)
-        model = load_model(self.args.model, dtype=self.args.dtype, device=device)
-        cfg = model.config
-        policy = resolve_policy(self.args.method, cfg.num_layers, self.args.model, self.args.exits, self.args.budgets)
-        self.engine = SpecEngine(model, policy, EngineConfig(self.args.max_batch_size, self.args.max_context),
-                                 detokenize=self._detokenize)
-        self.info = EngineInfo(self.args.served_name, cfg.num_layers, cfg.vocab_size, self.args.max_batch_size,
-                               [policy.describe()] if len(policy.rules) > 1 else [policy.choose(1).describe()],
-                               Limits(self.engine.capacity, cfg.vocab_size, self.args.default_max_new_tokens,
-                                      self.args.max_prompt_chars, self.args.max_stop_strings))
         self.metrics = EngineMetrics()
         self.gpus = GpuMonitor()
-        self.loop = EngineLoop(self.engine, on_step=self.metrics.observe_load).start()
-        log.info("engine ready: %s on %s, %d threads, policy %s", self.args.model, device, threads, policy.describe())
+        self.loop = EngineLoop(self._build_engine, on_step=self.metrics.observe_load).start()
+        engine = self.loop.engine
+        cfg = engine.model.config
+        self.info = EngineInfo(self.args.served_name, cfg.num_layers, cfg.vocab_size, self.args.max_batch_size,
+                               [engine.policy.describe()],
+                               Limits(engine.capacity, cfg.vocab_size, self.args.default_max_new_tokens,
+                                      self.args.max_prompt_chars, self.args.max_stop_strings))
+        log.info("engine ready: %s, policy %s", self.args.model, engine.policy.describe())
+
+    def _build_engine(self) -> SpecEngine:
+        """Runs on the engine thread (see EngineLoop): every torch op of this replica happens there."""
+        args = self.args
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        # Ray sets OMP_NUM_THREADS to the replica's num_cpus; torch_threads overrides it.
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        model = load_model(args.model, dtype=args.dtype, device=device)
+        policy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
+        engine = SpecEngine(model, policy, EngineConfig(args.max_batch_size, args.max_context),
+                            detokenize=self._detokenize)
+        log.info("engine built on %s with %d torch threads", device, torch.get_num_threads())
+        return engine
 
     def _detokenize(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -117,7 +108,7 @@ class HiSpecEngine:
                     continue
                 finished = True
                 final, _ = cut_at_stop(self._detokenize(result.token_ids), params.stop)
-                stats = result.stats.to_dict(result.hierarchy or self.engine.hierarchy)
+                stats = result.stats.to_dict(result.hierarchy or self.loop.engine.hierarchy)
                 self.metrics.observe_finished(result.finish_reason, len(prompt_ids), len(result.token_ids), stats,
                                               now - started)
                 yield Chunk(token_ids, piece + text.finish(final), result.finish_reason, len(prompt_ids),

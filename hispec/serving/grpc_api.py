@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hispec.rpc import hispec_pb2 as pb
-from hispec.serving.engine_deployment import Chunk, EngineInfo
+from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.params import GenerationParams, Limits, generation_params
 
 

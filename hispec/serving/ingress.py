@@ -24,9 +24,9 @@ from ray.serve.handle import DeploymentHandle
 from hispec.rpc import hispec_pb2 as pb
 from hispec.serving import grpc_api
 from hispec.serving.config import AppArgs
-from hispec.serving.engine_deployment import Chunk, EngineInfo
+from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.metrics import IngressMetrics
-from hispec.serving.openai_api import CompletionBuilder, CompletionRequest, error_body, sse
+from hispec.serving.openai_api import CompletionBuilder, CompletionRequest, error_body, field_path, sse
 from hispec.serving.params import GenerationParams, InvalidArgument, check_prompt, check_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ http_app = FastAPI(title="HiSpec", description="OpenAI-style completions served 
 @http_app.exception_handler(RequestValidationError)
 async def _bad_json(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"] if part != "body") or None
+    param = field_path(CompletionRequest, first["loc"][1:]) if first["loc"][:1] == ("body",) else None
     return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param), status_code=400)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from hispec.serving.engine_deployment import Chunk
+from hispec.serving.messages import Chunk
 from hispec.serving.params import GenerationParams, InvalidArgument, Limits, generation_params
 
 # our finish reasons -> OpenAI's ("context": the context filled up, a length limit too)
@@ -117,6 +117,21 @@ class CompletionBuilder:
 
     def usage_event(self, prompt_tokens: int, completion_tokens: int) -> str:
         return sse(self._envelope([], self.usage(prompt_tokens, completion_tokens)))
+
+
+def field_path(model: type[BaseModel], loc: tuple) -> str | None:
+    """The field an error location names ("stream_options.include_usage"), without pydantic's
+    union-member tags ("prompt.str" -> "prompt")."""
+    parts = []
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        parts.append(str(part))
+        model = fields[part].annotation
+        model = next((a for a in getattr(model, "__args__", (model,)) if isinstance(a, type)
+                      and issubclass(a, BaseModel)), model)
+    return ".".join(parts) or (str(loc[0]) if loc else None)
 
 
 def sse(body: dict | str) -> str:

@@ -1,0 +1,36 @@
+"""deploy/hispec.yaml is a valid Serve config whose application builds (no cluster needed)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from hispec.serving.app import build_app
+from hispec.serving.config import AppArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["hispec.yaml", "hispec-gpu.yaml"])
+def test_serve_config_validates_and_builds(name):
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text()))
+    assert config.grpc_options.port == 9000 and config.http_options.port == 8000
+    assert config.grpc_options.grpc_servicer_functions == ["hispec.rpc.hispec_pb2_grpc.add_HiSpecServicer_to_server"]
+    (app,) = config.applications
+    assert app.import_path == "hispec.serving.app:build_app"
+    build_app(app.args)  # validates the args with pydantic
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"HiSpecEngine", "HiSpecIngress"}
+    assert deployments["HiSpecEngine"].autoscaling_config["min_replicas"] >= 1
+
+
+def test_bad_args_are_refused_by_name():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        build_app({"max_batch_size": 0})
+    with pytest.raises(ValueError, match="no checkpoint"):
+        build_app({"model": "/nonexistent"})
+    with pytest.raises(ValueError, match="takes no exits"):
+        AppArgs(method="ar", exits=(2,))
+    with pytest.raises(ValueError, match="frobnicate"):
+        build_app({"frobnicate": 1})

@@ -1,0 +1,141 @@
+"""EngineLoop: the engine on its own thread; requests join and leave between steps (no Ray)."""
+
+import queue
+import threading
+
+import pytest
+from hispec.model import load_model
+from hispec.model.greedy import greedy_generate
+from hispec.serving.engine_loop import Committed, EngineLoop, Failed
+from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from tests.unit.spec_helpers import random_prompts
+from tests.unit.tiny_checkpoints import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("loop")
+    make_checkpoint(directory, "tied-gqa", num_layers=6, max_position_embeddings=4096)
+    return directory
+
+
+def start_loop(checkpoint, slots=3, hierarchy=((2, 4), (2, 2))):
+    def build():
+        model = load_model(checkpoint)
+        return SpecEngine(model, Hierarchy(model.config.num_layers, *hierarchy), EngineConfig(max_batch_size=slots))
+
+    return EngineLoop(build).start()
+
+
+def collect(loop: EngineLoop, request: Request) -> queue.Queue:
+    events: queue.Queue = queue.Queue()
+    loop.submit(request, events.put)
+    return events
+
+
+def drain(events: queue.Queue, timeout=60.0) -> tuple[list[int], object]:
+    tokens = []
+    while True:
+        event = events.get(timeout=timeout)
+        if isinstance(event, Failed):
+            return tokens, event
+        tokens += event.token_ids
+        if event.result is not None:
+            assert tokens == event.result.token_ids
+            return tokens, event.result
+
+
+def test_concurrent_requests_equal_plain_greedy(checkpoint):
+    loop = start_loop(checkpoint)
+    try:
+        prompts = random_prompts([3, 9, 1, 6, 12, 4, 7], vocab=loop.engine.model.config.vocab_size)
+        lengths = [17, 5, 23, 1, 11, 30, 8]
+        streams = [collect(loop, Request(p, n, stop_token_ids=())) for p, n in zip(prompts, lengths)]
+        outputs = [drain(s) for s in streams]  # 7 requests through 3 slots
+        reference = load_model(checkpoint)
+        for prompt, n, (tokens, result) in zip(prompts, lengths, outputs):
+            assert tokens == greedy_generate(reference, prompt, n)[0]
+            assert result.finish_reason == "length"
+        assert loop.snapshot().active == 0 and loop.snapshot().queued == 0
+        assert sorted(loop.engine.free_slots) == [0, 1, 2]
+    finally:
+        loop.stop()
+
+
+def test_abort_frees_the_slot_and_silences_the_sink(checkpoint):
+    loop = start_loop(checkpoint, slots=1)
+    try:
+        seen = threading.Event()
+        events: queue.Queue = queue.Queue()
+
+        def sink(event):
+            events.put(event)
+            seen.set()
+
+        request = Request([1, 2, 3], 400, stop_token_ids=())
+        loop.submit(request, sink)
+        assert seen.wait(30)
+        loop.abort(request.request_id)
+        waiting = collect(loop, Request([4, 5], 3, stop_token_ids=()))  # needs the only slot
+        tokens, result = drain(waiting)
+        assert len(tokens) == 3 and result.finish_reason == "length"
+        while not events.empty():  # nothing after the abort can be a finish
+            event = events.get()
+            assert isinstance(event, Committed) and event.result is None
+        assert loop.engine.free_slots == [0]
+    finally:
+        loop.stop()
+
+
+def test_refused_request_fails_alone(checkpoint):
+    loop = start_loop(checkpoint)
+    try:
+        vocab = loop.engine.model.config.vocab_size
+        _, failed = drain(collect(loop, Request([vocab + 5], 3)))
+        assert isinstance(failed, Failed) and "token ids" in str(failed.error)
+        tokens, result = drain(collect(loop, Request([1, 2], 4, stop_token_ids=())))
+        assert len(tokens) == 4
+    finally:
+        loop.stop()
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(checkpoint):
+    loop = start_loop(checkpoint)
+    try:
+        engine = loop.engine
+        original = engine.step
+        calls = {"n": 0}
+
+        def flaky_step():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
+            return original()
+
+        engine.step = flaky_step
+        _, failed = drain(collect(loop, Request([1, 2, 3], 50, stop_token_ids=())))
+        assert isinstance(failed, Failed) and "boom" in str(failed.error)
+        tokens, result = drain(collect(loop, Request([1, 2, 3], 6, stop_token_ids=())))
+        assert len(tokens) == 6 and engine.num_running == 0 and sorted(engine.free_slots) == [0, 1, 2]
+    finally:
+        loop.stop()
+
+
+def test_build_errors_surface_from_start():
+    def build():
+        raise FileNotFoundError("no checkpoint here")
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        EngineLoop(build).start()
+
+
+def test_stop_fails_what_is_left(checkpoint):
+    loop = start_loop(checkpoint, slots=1)
+    events = collect(loop, Request([1, 2], 4000, stop_token_ids=(), sampling=SamplingParams(temperature=1.0, seed=3)))
+    events.get(timeout=30)  # running
+    loop.stop()
+    remaining = []
+    while not events.empty():
+        remaining.append(events.get())
+    assert isinstance(remaining[-1], Failed) and "shutting down" in str(remaining[-1].error)
+    assert not loop.alive

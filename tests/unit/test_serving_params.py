@@ -1,0 +1,88 @@
+"""Edge validation shared by gRPC and HTTP: every bad field is refused by name (no Ray here)."""
+
+import math
+import pickle
+
+import pytest
+
+from hispec.serving.openai_api import CompletionRequest
+from hispec.serving.params import InvalidArgument, Limits, check_prompt, check_prompt_ids, generation_params
+
+LIMITS = Limits(max_context=64, vocab_size=100, default_max_new_tokens=20, max_prompt_chars=50, max_stop_strings=2)
+
+
+def test_defaults_are_greedy_with_the_server_default_length():
+    params = generation_params(LIMITS)
+    assert params.sampling.greedy and params.stop == () and params.max_new_tokens is None
+    assert params.new_tokens_for(10, LIMITS, "max_new_tokens") == 20
+    assert params.new_tokens_for(60, LIMITS, "max_new_tokens") == 4  # the default shrinks to the room left
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("max_new_tokens", 0, "[1, 63]"), ("max_new_tokens", 64, "[1, 63]"), ("max_new_tokens", 2.5, "integer"),
+    ("max_new_tokens", True, "integer"),
+    ("temperature", -0.1, ">= 0"), ("temperature", math.nan, "finite"), ("temperature", math.inf, "finite"),
+    ("temperature", "hot", "number"),
+    ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"), ("top_p", -math.inf, "finite"),
+    ("top_k", -2, ">= 0"), ("top_k", 1.5, "integer"),
+    ("seed", -1, "[0, 2**63)"), ("seed", 2**63, "[0, 2**63)"),
+    ("stop", ["a", "b", "c"], "at most 2"), ("stop", [""], "non-empty"), ("stop", ["x" * 300], "at most 256"),
+    ("stop", [3], "non-empty strings"),
+])
+def test_bad_fields_are_named(field, value, words):
+    with pytest.raises(InvalidArgument) as caught:
+        generation_params(LIMITS, **{field: value})
+    assert caught.value.field == field and words in str(caught.value)
+
+
+def test_api_names_are_used_in_errors():
+    with pytest.raises(InvalidArgument, match=r"^max_tokens: "):
+        generation_params(LIMITS, max_new_tokens=0, names={"max_new_tokens": "max_tokens"})
+
+
+def test_explicit_length_must_fit_the_context():
+    params = generation_params(LIMITS, max_new_tokens=30)
+    assert params.new_tokens_for(34, LIMITS, "max_tokens") == 30
+    with pytest.raises(InvalidArgument, match=r"max_tokens: the prompt \(35 tokens\) plus 30"):
+        params.new_tokens_for(35, LIMITS, "max_tokens")
+
+
+def test_prompts():
+    assert check_prompt("x" * 50, LIMITS) == "x" * 50
+    with pytest.raises(InvalidArgument, match="51 characters"):
+        check_prompt("x" * 51, LIMITS)
+    with pytest.raises(InvalidArgument, match="must be a string"):
+        check_prompt(None, LIMITS)
+    with pytest.raises(InvalidArgument, match="empty"):
+        check_prompt_ids([], LIMITS)
+    with pytest.raises(InvalidArgument, match="64 tokens"):
+        check_prompt_ids([1] * 64, LIMITS)
+    with pytest.raises(InvalidArgument, match=r"\[0, 100\)"):
+        check_prompt_ids([1, 100], LIMITS)
+
+
+def test_sampling_and_vllm_spelling():
+    params = generation_params(LIMITS, temperature=0.7, top_p=0.9, top_k=-1, seed=5, stop="##")
+    assert (params.sampling.temperature, params.sampling.top_p, params.sampling.top_k, params.sampling.seed) == \
+        (0.7, 0.9, 0, 5)
+    assert params.stop == ("##",)
+
+
+def test_invalid_argument_survives_pickling():  # it crosses Ray calls
+    error = pickle.loads(pickle.dumps(InvalidArgument("top_p", "must be in (0, 1]")))
+    assert (error.field, str(error)) == ("top_p", "top_p: must be in (0, 1]")
+
+
+def test_completion_request():
+    body = CompletionRequest.model_validate({"prompt": "hi", "max_tokens": 5, "temperature": 0})
+    params = body.params(LIMITS)
+    assert params.max_new_tokens == 5 and params.sampling.greedy and body.prompts() == ["hi"]
+    assert CompletionRequest.model_validate({"prompt": [3, 4]}).prompts() == [[3, 4]]
+    assert CompletionRequest.model_validate({"prompt": ["a", "b"]}).prompts() == ["a", "b"]
+    # OpenAI's default temperature is 1 (sampling), unlike gRPC's greedy default
+    assert CompletionRequest.model_validate({"prompt": "hi"}).params(LIMITS).sampling.temperature == 1.0
+    for field, value in [("n", 2), ("echo", True), ("logprobs", 1), ("best_of", 3), ("presence_penalty", 0.5),
+                         ("suffix", "x"), ("logit_bias", {"5": 1.0})]:
+        with pytest.raises(InvalidArgument) as caught:
+            CompletionRequest.model_validate({"prompt": "hi", field: value}).params(LIMITS)
+        assert caught.value.field == field
