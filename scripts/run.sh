@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's main command: installs what it needs into .venv, then runs the main job.
-# Until the Ray Serve application exists this is `hispec generate` on the bundled model.
+# The README's main command: installs what it needs into .venv, then serves the bundled model:
+# `serve run deploy/hispec.yaml` (HTTP on :8000, gRPC on :9000; Ctrl-C stops it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/hispec generate --prompt "def fibonacci(n):" --max-new-tokens 64 "$@"
+exec .venv/bin/serve run deploy/hispec.yaml "$@"

@@ -32,6 +32,9 @@ class AppArgs(BaseModel):
                                         "(the OpenAI API's own default, 16, applies over HTTP)")
     max_prompt_chars: int = Field(100_000, ge=1, description="longer prompts are refused before tokenizing")
     max_stop_strings: int = Field(16, ge=0, description="stop strings one request may give")
+    stream_interval_s: float = Field(0.02, ge=0, le=1, description="a stream's committed tokens leave the engine "
+                                     "replica at most this often (its first and last tokens at once): fewer, "
+                                     "larger messages leave more CPU to the model; 0 sends every step's tokens")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of the engine replica "
                                       "(default: the replica's CPUs, at least 1)")
 

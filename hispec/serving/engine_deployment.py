@@ -90,9 +90,7 @@ class HiSpecEngine:
         self.loop.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             while not finished:
-                batch = [await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
+                batch = await self._next_batch(events, first=not text.tokens)
                 if isinstance(batch[-1], Failed):
                     finished = True
                     error = batch[-1].error
@@ -117,6 +115,24 @@ class HiSpecEngine:
             if not finished:  # the caller went away (client disconnect, cancellation)
                 self.loop.abort(request.request_id)
 
+    async def _next_batch(self, events: asyncio.Queue, first: bool) -> list:
+        """The events of the next chunk: one, then (unless it is the first) whatever else is committed
+        within stream_interval_s. The last event (a result or a failure) ends a batch at once."""
+        batch = [await events.get()]
+        deadline = time.perf_counter() + (0.0 if first else self.args.stream_interval_s)
+        while not _is_last(batch[-1]):
+            if not events.empty():
+                batch.append(events.get_nowait())
+                continue
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(events.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
     def get_info(self) -> EngineInfo:
         return self.info
 
@@ -136,3 +152,7 @@ class HiSpecEngine:
         gpus = getattr(self, "gpus", None)
         if gpus is not None:
             gpus.stop()
+
+
+def _is_last(event) -> bool:
+    return isinstance(event, Failed) or event.result is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,6 +48,7 @@ class LoopSnapshot:
     queued: int  # submitted, not yet admitted to a KV slot
     active: int  # sequences holding a KV slot
     slots: int
+    step_seconds: float = 0.0  # the last step's duration (0: no step ran)
 
 
 class EngineLoop:
@@ -94,10 +96,11 @@ class EngineLoop:
             self._aborts.append(request_id)
             self._wakeup.notify()
 
-    def snapshot(self) -> LoopSnapshot:
+    def snapshot(self, step_seconds: float = 0.0) -> LoopSnapshot:
         with self._wakeup:
             inbox = len(self._inbox)
-        return LoopSnapshot(inbox + len(self.engine.waiting), self.engine.num_running, self.engine.config.max_batch_size)
+        return LoopSnapshot(inbox + len(self.engine.waiting), self.engine.num_running,
+                            self.engine.config.max_batch_size, step_seconds)
 
     # ---- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:
@@ -121,10 +124,13 @@ class EngineLoop:
             for request_id in aborts:
                 if self._sinks.pop(request_id, None) is not None:
                     self.engine.abort(request_id)
+            step_seconds = 0.0
             if self.engine.has_unfinished():
+                started = time.perf_counter()
                 self._step()
+                step_seconds = time.perf_counter() - started
             if self.on_step is not None:
-                self.on_step(self.snapshot())
+                self.on_step(self.snapshot(step_seconds))
         for request_id, sink in list(self._sinks.items()):
             self.engine.abort(request_id)
             sink(Failed(RuntimeError("the engine is shutting down")))

@@ -42,6 +42,9 @@ class EngineMetrics:
         self.active = Gauge("hispec_active_sequences", "sequences being decoded")
         self.kv_slots_used = Gauge("hispec_kv_slots_in_use", "KV cache slots held by sequences")
         self.kv_slots = Gauge("hispec_kv_slots", "KV cache slots of the replica")
+        self.step_time = Histogram("hispec_engine_step_seconds", "one engine step (all running sequences)",
+                                   boundaries=_TOKEN_LATENCY_S)
+        self.busy = Counter("hispec_engine_busy_seconds", "time the engine thread spent in steps")
         self._totals: dict[tuple[str, int], list[int]] = {}
         self._lock = threading.Lock()
 
@@ -50,6 +53,9 @@ class EngineMetrics:
         self.active.set(snap.active)
         self.kv_slots_used.set(snap.active)  # one slot per running sequence
         self.kv_slots.set(snap.slots)
+        if snap.step_seconds:
+            self.step_time.observe(snap.step_seconds)
+            self.busy.inc(snap.step_seconds)
 
     def observe_tokens(self, count: int, seconds: float, first: bool) -> None:
         """A chunk of `count` tokens arrived `seconds` after the previous one (or the submit)."""
