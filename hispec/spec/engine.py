@@ -31,7 +31,7 @@ from hispec.spec.hierarchy import BatchPolicy, Hierarchy
 from hispec.spec.rejection import RejectionSampler, Verdict, verify_greedy
 from hispec.spec.request import GenerationResult, Request, StepOutput, cut_at_stop
 from hispec.spec.sampling import SAMPLE, keyed_uniform, processed_probs, sample_from
-from hispec.spec.state import SequenceState
+from hispec.spec.state import SequenceState, align_actions
 from hispec.spec.stats import RequestStats
 
 
@@ -40,6 +40,9 @@ class EngineConfig:
     max_batch_size: int = 16  # sequences decoded together (KV cache slots)
     max_context: int | None = None  # tokens per sequence (prompt + new); default: the model's limit
     max_prefill_tokens: int = 4096  # prompt tokens admitted per step (at least one request)
+    # Verify in step with the batch: a greedy sequence with proposals waiting at a level someone
+    # else verifies this step verifies them too (see align_actions). Output is the same either way.
+    align_verification: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -197,6 +200,8 @@ class SpecEngine:
             if not members:
                 continue
             actions = {seq.slot: seq.next_action() for seq in members}
+            if self.config.align_verification:
+                align_actions(members, actions)
             level_logits = self._sweep(lane, self._plan_feeds(lane.hierarchy, members, actions))
             for seq in members:
                 level = actions[seq.slot]

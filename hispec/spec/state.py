@@ -62,3 +62,32 @@ class SequenceState:
             if waiting >= hierarchy.budgets[k - 1] or (waiting > 0 and self.closed(k - 1)):
                 return k
         return 0
+
+
+def align_actions(members: list[SequenceState], actions: dict[int, int]) -> None:
+    """Pull verifications into step across the batch (in place; `actions` is by slot).
+
+    A step costs about as much as the deepest level it runs. Left alone, sequences that joined at
+    different times verify in different steps, so nearly every step runs the full model for some
+    of them and the cheap draft-only steps disappear. Here a sequence that would draft, or verify
+    at a shallower level, verifies at the deepest level k someone verifies at this step, if it has
+    proposals waiting there and nothing pending below them (the levels under k-1 hold no more than
+    level k-1: the state in which its own rule would verify at k). Verifying fewer proposals than
+    the budget is what a closed chain does anyway, so the output is unchanged and the batch falls
+    into one rhythm.
+
+    Greedy sequences only: a sampled sequence's draws are keyed by where it verifies, so it keeps
+    its own rhythm and a seed reproduces the same text whatever batch it runs in.
+    """
+    levels = sorted({k for k in actions.values() if k > 0}, reverse=True)
+    if not levels:
+        return
+    for seq in members:
+        if not seq.sampling.greedy:
+            continue
+        for k in levels:
+            if k <= actions[seq.slot]:
+                break
+            if seq.accepted[k - 1] > seq.accepted[k] and all(seq.accepted[j] == seq.accepted[k - 1] for j in range(k - 1)):
+                actions[seq.slot] = k
+                break

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.model.greedy import greedy_generate
 from tests.unit.spec_helpers import random_prompts, tiny_model
 
 
@@ -122,3 +123,27 @@ def test_bad_policies():
     for rules in [(), ((2, h), (1, h), (None, h)), ((2, h),), ((0, h), (None, h)), ((1, h), (None, Hierarchy(4)))]:
         with pytest.raises(ValueError):
             BatchPolicy(rules)
+
+
+@pytest.mark.parametrize("exits,budgets", [((2,), (3,)), ((1, 3), (2, 4)), ((1, 2, 4), (2, 1, 3))])
+def test_aligned_verification_runs_fewer_deep_forwards_with_the_same_output(model, exits, budgets):
+    """Staggered greedy arrivals: with alignment the batch verifies together, so steps run fewer
+    layers in all, and every output is still its plain greedy decoding."""
+    hierarchy = Hierarchy(6, exits, budgets)
+    prompts = random_prompts((3, 8, 2, 5, 7, 4), model.config.vocab_size, seed=5)
+    outputs, deep = {}, {}
+    for align in (False, True):
+        engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=6, align_verification=align))
+        pending = [Request(p, 24, stop_token_ids=(), request_id=f"r{i}") for i, p in enumerate(prompts)]
+        results, steps = {}, 0
+        while pending or engine.has_unfinished():
+            if pending and steps % 2 == 0:
+                engine.add_request(pending.pop(0))
+            results |= {o.request_id: o.result.token_ids for o in engine.step() if o.finished}
+            steps += 1
+        outputs[align] = results
+        # weight passes: layers run per forward, summed (a step costs about the layers it runs)
+        deep[align] = sum(shape.layers * n for shape, n in engine.forward_log.items() if not shape.prefill)
+    reference = {f"r{i}": greedy_generate(model, p, 24)[0] for i, p in enumerate(prompts)}
+    assert outputs[False] == outputs[True] == reference
+    assert deep[True] < deep[False]
