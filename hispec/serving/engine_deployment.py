@@ -1,9 +1,9 @@
 """The engine deployment: a replica owns the model and runs the batched engine loop.
 
 Requests arrive as prompt token ids + validated parameters (the ingress tokenizes and checks)
-and join the running batch; committed tokens stream back as `Chunk`s. Whatever has been
-committed when the ingress reads again goes out as one chunk, so a slow reader costs one Serve
-message per read, not one per token. The per-token loop never leaves this replica.
+and join the running batch; committed tokens stream back as `Chunk`s: the first at once, then
+whatever was committed within `stream_interval_s`, then the last at once. Fewer, larger Serve
+messages leave the CPU to the model. The per-token loop never leaves this replica.
 """
 
 from __future__ import annotations
