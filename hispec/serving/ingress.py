@@ -46,6 +46,7 @@ async def _invalid(request: Request, error: InvalidArgument) -> JSONResponse:
     return JSONResponse(error_body(str(error), error.field), status_code=400)
 
 
+
 @serve.deployment(name="HiSpecIngress", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(http_app)
 class HiSpecIngress:
@@ -74,8 +75,12 @@ class HiSpecIngress:
     async def _stream(self, prompt_ids: list[int], params: GenerationParams, field: str) -> AsyncIterator[Chunk]:
         # the explicit-max_new_tokens check needs the prompt's length: do it here, with the API's field name
         params.new_tokens_for(len(prompt_ids), (await self.info()).limits, field)
-        async for chunk in self.engine.options(stream=True).generate.remote(prompt_ids, params):
-            yield chunk
+        response = self.engine.options(stream=True).generate.remote(prompt_ids, params)
+        try:
+            async for chunk in response:
+                yield chunk
+        finally:  # closed early (client gone, a sibling choice failed): the engine aborts the request
+            response.cancel()
 
     # ---- gRPC: hispec.v1.HiSpec ----------------------------------------------------------------
     async def _grpc_prepare(self, request: pb.GenerateRequest) -> tuple[list[int], GenerationParams]:
@@ -83,11 +88,13 @@ class HiSpecIngress:
         return await self._prompt_ids(request.prompt), params
 
     def _grpc_error(self, context: RayServegRPCContext, method: str, error: Exception) -> None:
-        code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(error, InvalidArgument) else grpc.StatusCode.INTERNAL
-        if code is grpc.StatusCode.INTERNAL:
+        if isinstance(error, InvalidArgument):
+            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        else:
+            code, details = grpc.StatusCode.INTERNAL, str(error)
             log.exception("gRPC %s failed", method, exc_info=error)
         context.set_code(code)
-        context.set_details(str(error))
+        context.set_details(details)
         self.metrics.failed("grpc", method, code.name)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
@@ -153,9 +160,10 @@ class HiSpecIngress:
             raise
         builder = CompletionBuilder(info.model)
         if body.stream:
+            # the first chunks arrive before the 200 goes out: a request the engine refuses still gets a status
+            opened = await self._open_all(prompts, params)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(builder, prompts, params, include_usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self._sse(builder, opened, include_usage), media_type="text/event-stream")
         finals = await asyncio.gather(*(self._whole(ids, params) for ids in prompts))
         return builder.whole(finals)
 
@@ -163,24 +171,39 @@ class HiSpecIngress:
         chunks = [chunk async for chunk in self._stream(prompt_ids, params, "max_tokens")]
         return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], chunks[-1]
 
-    async def _sse(self, builder: CompletionBuilder, prompts: list[list[int]], params: GenerationParams,
+    async def _open_all(self, prompts: list[list[int]], params: GenerationParams) -> list[tuple[Chunk, AsyncIterator]]:
+        """Start every choice's engine stream and wait for its first chunk; on any failure close them all."""
+        streams = [self._stream(ids, params, "max_tokens") for ids in prompts]
+        firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
+        failure = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failure is not None:
+            for stream in streams:
+                await stream.aclose()
+            raise failure
+        return list(zip(firsts, streams))
+
+    async def _sse(self, builder: CompletionBuilder, opened: list[tuple[Chunk, AsyncIterator]],
                    include_usage: bool) -> AsyncIterator[str]:
         """Every choice's chunks as they come (interleaved), then usage if asked, then [DONE]."""
         events: asyncio.Queue = asyncio.Queue()
-        usage = [[0, 0] for _ in prompts]
+        usage = [[0, 0] for _ in opened]
 
-        async def pump(index: int, ids: list[int]) -> None:
+        async def pump(index: int, first: Chunk, rest: AsyncIterator) -> None:
             try:
-                async for chunk in self._stream(ids, params, "max_tokens"):
+                chunk = first
+                while True:
                     usage[index] = [chunk.prompt_tokens, chunk.completion_tokens]
                     await events.put(builder.event(index, chunk))
+                    chunk = await anext(rest)
+            except StopAsyncIteration:
+                pass
             except Exception as error:  # after the 200 went out: report in-band, as OpenAI does
                 log.exception("stream %d failed", index)
                 await events.put(sse(error_body(str(error), None, kind="server_error")))
             finally:
                 await events.put(None)
 
-        tasks = [asyncio.create_task(pump(i, ids)) for i, ids in enumerate(prompts)]
+        tasks = [asyncio.create_task(pump(i, first, rest)) for i, (first, rest) in enumerate(opened)]
         try:
             open_streams = len(tasks)
             while open_streams:
@@ -195,3 +218,4 @@ class HiSpecIngress:
         finally:  # client gone: cancelling the pumps cancels the engine streams (their requests are aborted)
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
