@@ -37,9 +37,13 @@ def prompts_from_files(files: list[Path], count: int, context_lines: int = 6, ma
     return prompts
 
 
+def read_prompts_jsonl(path: Path) -> list[str]:
+    """The "prompt" of every non-empty line of a JSONL file."""
+    return [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def bundled_heldout_prompts(model_dir: Path = DEFAULT_MODEL) -> list[str]:
-    path = Path(model_dir) / PROMPTS_NAME
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    return read_prompts_jsonl(Path(model_dir) / PROMPTS_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:

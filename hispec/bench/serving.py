@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hispec.bench.prompts import bundled_heldout_prompts
+from hispec.bench.prompts import bundled_heldout_prompts, read_prompts_jsonl
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.prompts:
-        prompts = [json.loads(line)["prompt"] for line in args.prompts.read_text().splitlines() if line.strip()]
+        prompts = read_prompts_jsonl(args.prompts)
     else:
         prompts = bundled_heldout_prompts()
     total = args.warmup + args.repeats * args.requests_per_stream * sum(concurrency)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from hispec.bench import plots
 from hispec.bench.costmodel import CostTable
-from hispec.bench.prompts import PROMPTS_NAME
+from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.spec import EngineConfig, Request, RequestStats, SpecEngine, resolve_hierarchy
@@ -52,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(path: Path, count: int) -> list[str]:
-    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-    return prompts[:count]
+    return read_prompts_jsonl(path)[:count]
 
 
 class OurMethod:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from hispec.bench import plots
 from hispec.bench.costmodel import CostTable
-from hispec.bench.prompts import PROMPTS_NAME
+from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.spec import EngineConfig, Hierarchy, Request, SpecEngine
@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = load_model(args.model, dtype="float32")
     L = model.config.num_layers
-    lines = (args.prompts or args.model / PROMPTS_NAME).read_text().splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
-    prompts = prompts[args.skip_prompts : args.skip_prompts + args.num_prompts] or prompts[: args.num_prompts]
+    all_prompts = read_prompts_jsonl(args.prompts or args.model / PROMPTS_NAME)
+    prompts = all_prompts[args.skip_prompts : args.skip_prompts + args.num_prompts] or all_prompts[: args.num_prompts]
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     costs = CostTable()
 
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         hierarchy = Hierarchy(L, tuple(row["exits"]), tuple(row["budgets"]))
         row["measured_tokens_per_s"] = statistics.median(run(hierarchy)["measured_tokens_per_s"] for _ in range(3))
     rows[0]["measured_tokens_per_s"] = statistics.median(run(Hierarchy(L))["measured_tokens_per_s"] for _ in range(3))
-    by_batch, policy = batch_size_policy(model, costs, winners, args, lines)
+    by_batch, policy = batch_size_policy(model, costs, winners, args, all_prompts)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"model": str(args.model), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
               "ar": rows[0], "winners": winners, "batch_sizes": by_batch, "by_batch_size": policy,
@@ -143,15 +142,14 @@ def main(argv: list[str] | None = None) -> int:
 POLICY_BATCH_SIZES = (1, 2, 4, 8, 16)
 
 
-def batch_size_policy(model, costs: CostTable, winners: dict, args, lines: list[str]) -> tuple[dict, list[dict]]:
+def batch_size_policy(model, costs: CostTable, winners: dict, args, all_prompts: list[str]) -> tuple[dict, list[dict]]:
     """Predicted tokens/s of ar and the two winners at each batch size, and the policy that picks
     the fastest per size: [{"max_batch_size": B or None, "method": name}, ...]."""
     L = model.config.num_layers
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
-    prompts = (prompts[args.skip_prompts :] + prompts)[: max(POLICY_BATCH_SIZES)]
+    prompts = (all_prompts[args.skip_prompts :] + all_prompts)[: max(POLICY_BATCH_SIZES)]
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     methods = {"ar": Hierarchy(L)} | {m: Hierarchy(L, tuple(r["exits"]), tuple(r["budgets"])) for m, r in winners.items()}
     by_batch: dict[str, dict] = {}

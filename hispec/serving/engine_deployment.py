@@ -90,14 +90,15 @@ class HiSpecEngine:
         self.loop.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             while not finished:
-                batch = await self._next_batch(events, first=not text.tokens)
+                first = not text.tokens
+                batch = await self._next_batch(events, first)
                 if isinstance(batch[-1], Failed):
                     finished = True
                     error = batch[-1].error
                     raise InvalidArgument("prompt", str(error)) if isinstance(error, ValueError) else error
                 token_ids = [t for event in batch for t in event.token_ids]
                 now = time.perf_counter()
-                self.metrics.observe_tokens(len(token_ids), now - last, first=len(text.tokens) == 0)
+                self.metrics.observe_tokens(len(token_ids), now - last, first)
                 last = now
                 piece = text.push(token_ids)
                 result = batch[-1].result

@@ -131,10 +131,7 @@ class EngineLoop:
                 step_seconds = time.perf_counter() - started
             if self.on_step is not None:
                 self.on_step(self.snapshot(step_seconds))
-        for request_id, sink in list(self._sinks.items()):
-            self.engine.abort(request_id)
-            sink(Failed(RuntimeError("the engine is shutting down")))
-        self._sinks.clear()
+        self._fail_all(RuntimeError("the engine is shutting down"))
 
     def _admit(self, request: Request, sink: Sink) -> None:
         try:
@@ -144,15 +141,19 @@ class EngineLoop:
             return
         self._sinks[request.request_id] = sink
 
+    def _fail_all(self, error: Exception) -> None:
+        """Abort every request the loop holds and tell its sink why."""
+        for request_id, sink in self._sinks.items():
+            self.engine.abort(request_id)
+            sink(Failed(error))
+        self._sinks.clear()
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except Exception as error:  # a bug, or out of memory: fail what ran, keep serving the rest
             log.exception("engine step failed; aborting %d running requests", len(self._sinks))
-            for request_id, sink in list(self._sinks.items()):
-                self.engine.abort(request_id)
-                sink(Failed(error))
-            self._sinks.clear()
+            self._fail_all(error)
             return
         for out in outputs:
             sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)

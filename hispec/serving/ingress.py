@@ -72,9 +72,7 @@ class HiSpecIngress:
         ids = self.tokenizer(check_prompt(prompt, limits), add_special_tokens=True)["input_ids"]
         return check_prompt_ids(ids, limits)
 
-    async def _stream(self, prompt_ids: list[int], params: GenerationParams, field: str) -> AsyncIterator[Chunk]:
-        # the explicit-max_new_tokens check needs the prompt's length: do it here, with the API's field name
-        params.new_tokens_for(len(prompt_ids), (await self.info()).limits, field)
+    async def _stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[Chunk]:
         response = self.engine.options(stream=True).generate.remote(prompt_ids, params)
         try:
             async for chunk in response:
@@ -82,10 +80,18 @@ class HiSpecIngress:
         finally:  # closed early (client gone, a sibling choice failed): the engine aborts the request
             response.cancel()
 
+    async def _whole(self, prompt_ids: list[int], params: GenerationParams) -> tuple[str, list[int], Chunk]:
+        """The whole completion: (text, new token ids, last chunk with finish reason and stats)."""
+        chunks = [chunk async for chunk in self._stream(prompt_ids, params)]
+        return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], chunks[-1]
+
     # ---- gRPC: hispec.v1.HiSpec ----------------------------------------------------------------
     async def _grpc_prepare(self, request: pb.GenerateRequest) -> tuple[list[int], GenerationParams]:
-        params = grpc_api.params_from(request, (await self.info()).limits)
-        return await self._prompt_ids(request.prompt), params
+        limits = (await self.info()).limits
+        params = grpc_api.params_from(request, limits)
+        prompt_ids = await self._prompt_ids(request.prompt)
+        params.new_tokens_for(len(prompt_ids), limits, "max_new_tokens")  # an explicit length must fit
+        return prompt_ids, params
 
     def _grpc_error(self, context: RayServegRPCContext, method: str, error: Exception) -> None:
         if isinstance(error, InvalidArgument):
@@ -102,12 +108,11 @@ class HiSpecIngress:
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         try:
             prompt_ids, params = await self._grpc_prepare(request)
-            chunks = [chunk async for chunk in self._stream(prompt_ids, params, "max_new_tokens")]
+            text, token_ids, last = await self._whole(prompt_ids, params)
         except Exception as error:
             self._grpc_error(grpc_context, "Generate", error)
             return pb.GenerateResponse(request_id=request_id)
-        return grpc_api.response_from(request_id, chunks[-1], text="".join(c.text for c in chunks),
-                                      token_ids=[t for c in chunks for t in c.token_ids])
+        return grpc_api.response_from(request_id, last, text=text, token_ids=token_ids)
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
@@ -115,7 +120,7 @@ class HiSpecIngress:
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         try:
             prompt_ids, params = await self._grpc_prepare(request)
-            async for chunk in self._stream(prompt_ids, params, "max_new_tokens"):
+            async for chunk in self._stream(prompt_ids, params):
                 yield grpc_api.response_from(request_id, chunk)
         except Exception as error:
             self._grpc_error(grpc_context, "GenerateStream", error)
@@ -167,13 +172,9 @@ class HiSpecIngress:
         finals = await asyncio.gather(*(self._whole(ids, params) for ids in prompts))
         return builder.whole(finals)
 
-    async def _whole(self, prompt_ids: list[int], params: GenerationParams) -> tuple[str, list[int], Chunk]:
-        chunks = [chunk async for chunk in self._stream(prompt_ids, params, "max_tokens")]
-        return "".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], chunks[-1]
-
     async def _open_all(self, prompts: list[list[int]], params: GenerationParams) -> list[tuple[Chunk, AsyncIterator]]:
         """Start every choice's engine stream and wait for its first chunk; on any failure close them all."""
-        streams = [self._stream(ids, params, "max_tokens") for ids in prompts]
+        streams = [self._stream(ids, params) for ids in prompts]
         firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
         failure = next((f for f in firsts if isinstance(f, BaseException)), None)
         if failure is not None:

@@ -101,10 +101,6 @@ class GpuMonitor:
         self.utilization = Gauge("hispec_gpu_utilization_percent", "GPU busy time, percent", tag_keys=("gpu",))
         threading.Thread(target=self._run, name="hispec-gpu-monitor", daemon=True).start()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._handles)
-
     def stop(self) -> None:
         self._stop.set()
 
