@@ -3,10 +3,13 @@
     serve run deploy/hispec.yaml &            # or any deployment of the app
     hispec bench-serve --concurrency 1,8 --out docs/serving
 
-Each of C concurrent streams sends its requests one after another (closed loop, greedy, the same
-prompts at every concurrency). Levels are interleaved over repetitions (1, 8, 1, 8, ...);
-throughput is the median over repetitions of all tokens / wall time, latencies are percentiles
-over every request. Greedy outputs are checked to be identical at every concurrency (batching
+Each of C concurrent streams sends requests one after another (closed loop, greedy, prompts taken
+in order from the same list at every concurrency) for the whole run of a level. Throughput is
+steady-state: the tokens received inside a measurement window (after a ramp-up, before the
+streams are cancelled) divided by its length, i.e. with all C streams in flight the whole time;
+requests still running when the window closes are cancelled. Levels are interleaved over
+repetitions (1, 8, 1, 8, ...) and the median reported; latencies are percentiles over every
+request that finished. Greedy outputs are checked to be identical at every concurrency (batching
 must not change them). Writes DIR/serving.json and DIR/serving.png.
 """
 
@@ -14,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,6 +32,8 @@ from hispec.bench.prompts import bundled_heldout_prompts, read_prompts_jsonl
 
 @dataclass(frozen=True)
 class Timing:
+    """One finished request."""
+
     prompt_index: int
     tokens: int
     ttft_s: float
@@ -35,40 +41,62 @@ class Timing:
     token_ids: tuple[int, ...]
 
 
-async def _one(stub, pb, prompt_index: int, prompt: str, max_new_tokens: int) -> Timing:
+@dataclass(frozen=True)
+class LevelRun:
+    tokens_per_s: float  # tokens received inside the window / its length
+    timings: list[Timing]  # requests that finished (inside the window or not)
+
+
+def tokens_in_window(arrivals: list[tuple[float, int]], start: float, end: float) -> int:
+    """Tokens of the (time received, count) messages that arrived in [start, end)."""
+    return sum(count for at, count in arrivals if start <= at < end)
+
+
+async def _one(stub, pb, prompt_index: int, prompt: str, max_new_tokens: int,
+               arrivals: list[tuple[float, int]]) -> Timing:
     started = time.perf_counter()
     first = None
     ids: list[int] = []
     async for message in stub.GenerateStream(pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)):
+        now = time.perf_counter()
         if first is None and message.token_ids:
-            first = time.perf_counter()
+            first = now
+        arrivals.append((now, len(message.token_ids)))
         ids += message.token_ids
     done = time.perf_counter()
     return Timing(prompt_index, len(ids), (first or done) - started, done - started, tuple(ids))
 
 
-async def run_level(target: str, prompts: list[str], concurrency: int, requests_per_stream: int,
-                    max_new_tokens: int, progress: tqdm) -> tuple[float, list[Timing]]:
-    """Returns (aggregate tokens/s, per-request timings) for one concurrency level."""
+async def run_level(target: str, prompts: list[str], concurrency: int, ramp_s: float, duration_s: float,
+                    max_new_tokens: int) -> LevelRun:
+    """C closed-loop streams for ramp_s + duration_s; throughput over the last duration_s."""
     import grpc
 
     from hispec.rpc import hispec_pb2 as pb
     from hispec.rpc import hispec_pb2_grpc as rpc
 
+    arrivals: list[tuple[float, int]] = []
+    timings: list[Timing] = []
+    next_prompt = itertools.count()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.HiSpecStub(channel)
-        timings: list[Timing] = []
 
-        async def stream(worker: int) -> None:
-            for n in range(requests_per_stream):
-                index = (worker * requests_per_stream + n) % len(prompts)
-                timings.append(await _one(stub, pb, index, prompts[index], max_new_tokens))
-                progress.update(1)
+        async def stream() -> None:
+            while True:
+                index = next(next_prompt) % len(prompts)
+                timings.append(await _one(stub, pb, index, prompts[index], max_new_tokens, arrivals))
 
         started = time.perf_counter()
-        await asyncio.gather(*(stream(w) for w in range(concurrency)))
-        wall = time.perf_counter() - started
-    return sum(t.tokens for t in timings) / wall, timings
+        tasks = [asyncio.create_task(stream()) for _ in range(concurrency)]
+        await asyncio.sleep(ramp_s + duration_s)
+        for task in tasks:  # cancels the streams in flight (the server aborts them)
+            task.cancel()
+        errors = [r for r in await asyncio.gather(*tasks, return_exceptions=True) if isinstance(r, Exception)]
+        if errors:  # a request failed before the window closed
+            raise errors[0]
+    window_start = started + ramp_s
+    tokens = tokens_in_window(arrivals, window_start, window_start + duration_s)
+    return LevelRun(tokens / duration_s, timings)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -76,14 +104,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-def summarize(levels: dict[int, list[tuple[float, list[Timing]]]]) -> dict:
+def summarize(levels: dict[int, list[LevelRun]]) -> dict:
     out = {}
     for concurrency, runs in levels.items():
-        timings = [t for _, ts in runs for t in ts]
+        timings = [t for run in runs for t in run.timings]
         latencies, ttfts = [t.latency_s for t in timings], [t.ttft_s for t in timings]
         out[str(concurrency)] = {
-            "tokens_per_s": round(statistics.median(rate for rate, _ in runs), 1),
-            "tokens_per_s_runs": [round(rate, 1) for rate, _ in runs],
+            "tokens_per_s": round(statistics.median(run.tokens_per_s for run in runs), 1),
+            "tokens_per_s_runs": [round(run.tokens_per_s, 1) for run in runs],
             "requests": len(timings),
             "latency_p50_s": round(percentile(latencies, 50), 3), "latency_p99_s": round(percentile(latencies, 99), 3),
             "ttft_p50_s": round(percentile(ttfts, 50), 3), "ttft_p99_s": round(percentile(ttfts, 99), 3),
@@ -92,12 +120,12 @@ def summarize(levels: dict[int, list[tuple[float, list[Timing]]]]) -> dict:
     return out
 
 
-def outputs_agree(levels: dict[int, list[tuple[float, list[Timing]]]]) -> bool:
+def outputs_agree(levels: dict[int, list[LevelRun]]) -> bool:
     """Greedy: every request for a prompt produced the same tokens, at every concurrency."""
     seen: dict[int, tuple[int, ...]] = {}
     for runs in levels.values():
-        for _, timings in runs:
-            for t in timings:
+        for run in runs:
+            for t in run.timings:
                 if seen.setdefault(t.prompt_index, t.token_ids) != t.token_ids:
                     return False
     return True
@@ -136,10 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default="localhost:9000", help="gRPC address of the Serve proxy")
     parser.add_argument("--prompts", type=Path, help="JSONL with a 'prompt' field per line (default: bundled held-out)")
     parser.add_argument("--concurrency", default="1,8", help="comma-separated stream counts")
-    parser.add_argument("--requests-per-stream", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per level and repeat")
+    parser.add_argument("--ramp", type=float, default=2.0, help="seconds each level runs before its window opens")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=2, help="requests sent first, not measured")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of one stream first, not measured")
     parser.add_argument("--out", type=Path, help="directory for serving.json and serving.png")
     return parser
 
@@ -151,16 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         prompts = read_prompts_jsonl(args.prompts)
     else:
         prompts = bundled_heldout_prompts()
-    total = args.warmup + args.repeats * args.requests_per_stream * sum(concurrency)
-    levels: dict[int, list[tuple[float, list[Timing]]]] = {c: [] for c in concurrency}
-    with tqdm(total=total, desc="requests", file=sys.stderr) as progress:
-        asyncio.run(run_level(args.target, prompts, 1, args.warmup, args.max_new_tokens, progress))
+    if args.duration <= 0 or args.ramp < 0 or args.warmup < 0 or args.repeats < 1 or min(concurrency) < 1:
+        raise SystemExit("bench-serve: --duration must be > 0, --ramp/--warmup >= 0, --repeats and concurrency >= 1")
+    levels: dict[int, list[LevelRun]] = {c: [] for c in concurrency}
+    asyncio.run(run_level(args.target, prompts, 1, 0.0, args.warmup or 1e-3, args.max_new_tokens))
+    with tqdm(total=args.repeats * len(concurrency), desc="levels", file=sys.stderr) as progress:
         for _ in range(args.repeats):
             for c in concurrency:
-                levels[c].append(asyncio.run(run_level(args.target, prompts, c, args.requests_per_stream,
-                                                       args.max_new_tokens, progress)))
+                run = asyncio.run(run_level(args.target, prompts, c, args.ramp, args.duration, args.max_new_tokens))
+                levels[c].append(run)
+                progress.set_postfix_str(f"{c} streams: {run.tokens_per_s:.0f} tok/s")
+                progress.update(1)
     results = {
-        "config": {"target": args.target, "concurrency": concurrency, "requests_per_stream": args.requests_per_stream,
+        "config": {"target": args.target, "concurrency": concurrency, "ramp_s": args.ramp, "duration_s": args.duration,
                    "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompts": len(prompts)},
         "levels": summarize(levels),
         "outputs_identical_across_concurrency": outputs_agree(levels),

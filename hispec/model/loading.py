@@ -63,4 +63,6 @@ def load_model(
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise RuntimeError(f"parameters left unloaded: {meta}")
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        model.store_projections_input_major()  # faster CPU GEMMs; see the method
     return model.eval().requires_grad_(False)

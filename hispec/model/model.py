@@ -116,6 +116,20 @@ class EarlyExitModel(nn.Module):
             hidden = layer(hidden, step, cache)
         return hidden
 
+    def store_projections_input_major(self) -> "EarlyExitModel":
+        """Keep every projection weight [out, in] as a transposed view of [in, out] storage.
+
+        Same tensors, same math; only the memory layout changes. MKL's fp32 GEMM runs x @ W^T
+        markedly faster on this layout once a forward carries several rows (a batch, or a
+        verification block): measured on the 2-core CPU, the decoding engine at 8 concurrent
+        sequences went from 637 to 772 tokens/s (median of 5 interleaved runs), with no loss
+        at batch 1 (docs/serving.md). The exit head (tied to the embeddings) keeps its layout.
+        """
+        for layer in self._ordered_layers:
+            for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                proj.weight.data = proj.weight.data.t().contiguous().t()
+        return self
+
     def compile_layers(self) -> "EarlyExitModel":
         """Compile the layer loop with torch.compile (inductor), once per distinct layer range.
 

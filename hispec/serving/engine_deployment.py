@@ -1,4 +1,5 @@
-"""The engine deployment: a replica owns the model and runs the batched engine loop.
+"""The engine deployment: a replica owns the model and runs the batched engine loop (in a child
+process, see engine_process.py).
 
 Requests arrive as prompt token ids + validated parameters (the ingress tokenizes and checks)
 and join the running batch; committed tokens stream back as `Chunk`s: the first at once, then
@@ -9,28 +10,26 @@ messages leave the CPU to the model. The per-token loop never leaves this replic
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-import torch
 from ray import serve
 
-from hispec.model import load_model
 from hispec.serving.config import AppArgs
-from hispec.serving.engine_loop import EngineLoop, Failed
+from hispec.serving.engine_build import build_engine
+from hispec.serving.engine_loop import Failed
+from hispec.serving.engine_process import EngineProcess
 from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.metrics import EngineMetrics, GpuMonitor
 from hispec.serving.params import GenerationParams, InvalidArgument, Limits
-from hispec.spec import EngineConfig, Request, SpecEngine, resolve_policy
+from hispec.spec import Request
 from hispec.spec.request import cut_at_stop
 from hispec.spec.text import StreamingText
 
 log = logging.getLogger(__name__)
-
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @serve.deployment(
@@ -44,36 +43,18 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 class HiSpecEngine:
     def __init__(self, args: dict) -> None:
         self.args = AppArgs.model_validate(args)
-        # The engine thread drops the GIL at every torch op and Ray's threads (streaming chunks out)
-        # take it in between; a short switch interval hands it back sooner (default 5 ms).
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.model)
         self.metrics = EngineMetrics()
         self.gpus = GpuMonitor()
-        self.loop = EngineLoop(self._build_engine, on_step=self.metrics.observe_load).start()
-        engine = self.loop.engine
-        cfg = engine.model.config
-        self.info = EngineInfo(self.args.served_name, cfg.num_layers, cfg.vocab_size, self.args.max_batch_size,
-                               [engine.policy.describe()],
-                               Limits(engine.capacity, cfg.vocab_size, self.args.default_max_new_tokens,
+        self.engine = EngineProcess(functools.partial(build_engine, self.args), on_step=self.metrics.observe_load).start()
+        summary = self.engine.summary
+        self.info = EngineInfo(self.args.served_name, summary.num_layers, summary.vocab_size, self.args.max_batch_size,
+                               [summary.policy],
+                               Limits(summary.capacity, summary.vocab_size, self.args.default_max_new_tokens,
                                       self.args.max_prompt_chars, self.args.max_stop_strings))
-        log.info("engine ready: %s, policy %s", self.args.model, engine.policy.describe())
-
-    def _build_engine(self) -> SpecEngine:
-        """Runs on the engine thread (see EngineLoop): every torch op of this replica happens there."""
-        args = self.args
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        # Ray sets OMP_NUM_THREADS to the replica's num_cpus; torch_threads overrides it.
-        if args.torch_threads:
-            torch.set_num_threads(args.torch_threads)
-        model = load_model(args.model, dtype=args.dtype, device=device)
-        policy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
-        engine = SpecEngine(model, policy, EngineConfig(args.max_batch_size, args.max_context),
-                            detokenize=self._detokenize)
-        log.info("engine built on %s with %d torch threads", device, torch.get_num_threads())
-        return engine
+        log.info("engine ready (process %s): %s, policy %s", self.engine.pid, self.args.model, summary.policy)
 
     def _detokenize(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -87,7 +68,7 @@ class HiSpecEngine:
         text = StreamingText(self._detokenize, params.stop)
         started = last = time.perf_counter()
         finished = False
-        self.loop.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        self.engine.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             while not finished:
                 first = not text.tokens
@@ -107,14 +88,14 @@ class HiSpecEngine:
                     continue
                 finished = True
                 final, _ = cut_at_stop(self._detokenize(result.token_ids), params.stop)
-                stats = result.stats.to_dict(result.hierarchy or self.loop.engine.hierarchy)
+                stats = result.stats.to_dict(result.hierarchy or self.engine.summary.hierarchy)
                 self.metrics.observe_finished(result.finish_reason, len(prompt_ids), len(result.token_ids), stats,
                                               now - started)
                 yield Chunk(token_ids, piece + text.finish(final), result.finish_reason, len(prompt_ids),
                             len(result.token_ids), stats)
         finally:
             if not finished:  # the caller went away (client disconnect, cancellation)
-                self.loop.abort(request.request_id)
+                self.engine.abort(request.request_id)
 
     async def _next_batch(self, events: asyncio.Queue, first: bool) -> list:
         """The events of the next chunk: one, then (unless it is the first) whatever else is committed
@@ -138,18 +119,18 @@ class HiSpecEngine:
         return self.info
 
     def load(self) -> dict:
-        snap = self.loop.snapshot()
-        return {"serving": self.loop.alive, "active_sequences": snap.active, "queued_requests": snap.queued}
+        snap = self.engine.snapshot()
+        return {"serving": self.engine.alive, "active_sequences": snap.active, "queued_requests": snap.queued}
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises."""
-        if not self.loop.alive:
-            raise RuntimeError("the engine loop thread has stopped")
+        if not self.engine.alive:
+            raise RuntimeError("the engine process has stopped")
 
     def __del__(self) -> None:
-        loop = getattr(self, "loop", None)
-        if loop is not None:
-            loop.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
         gpus = getattr(self, "gpus", None)
         if gpus is not None:
             gpus.stop()

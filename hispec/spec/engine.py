@@ -19,6 +19,7 @@ Each `step()`:
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ class SpecEngine:
         }
         self.waiting: deque[Request] = deque()
         self.running: dict[str, SequenceState] = {}
+        # Lowest slot first (a heap): the running batch stays packed into slots 0..B-1, so its
+        # KV rows are read as one view instead of gathered (a copy per layer per step).
         self.free_slots = list(range(slots))
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
         # Every forward run, by shape -> count. The cost model (hispec.bench.costmodel) prices this
@@ -393,7 +396,7 @@ class SpecEngine:
     def _finish(self, seq: SequenceState) -> GenerationResult:
         del self.running[seq.request.request_id]
         self.cache.release([seq.slot])
-        self.free_slots.append(seq.slot)
+        heapq.heappush(self.free_slots, seq.slot)
         seq.stats.new_tokens = seq.committed - seq.prompt_len
         lane = self.lanes[seq.hierarchy]
         lane.total_stats = RequestStats.total(seq.hierarchy, [lane.total_stats, seq.stats])
@@ -427,7 +430,7 @@ class SpecEngine:
             lane.prob_rings = [torch.zeros(shape, device=self.model.device) for _ in range(K)]
         stop_ids = self.model.config.eos_token_ids if request.stop_token_ids is None else request.stop_token_ids
         seq = SequenceState(
-            request=request, hierarchy=hierarchy, sampling=sampling, slot=self.free_slots.pop(0),
+            request=request, hierarchy=hierarchy, sampling=sampling, slot=heapq.heappop(self.free_slots),
             stop_token_ids=frozenset(stop_ids),
             limit=min(P + request.max_new_tokens, self.capacity + 1),
             tokens=list(request.prompt_ids), accepted=[P] * (K + 1), fed=[0] * (K + 1),

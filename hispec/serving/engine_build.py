@@ -1,0 +1,30 @@
+"""Build the serving engine from the app's arguments (runs in the engine process)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hispec.model import load_model
+from hispec.serving.config import AppArgs
+from hispec.spec import EngineConfig, SpecEngine, resolve_policy
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(args: AppArgs) -> SpecEngine:
+    """The model, its tuned (or requested) decoding policy and a tokenizer for stop strings."""
+    from transformers import AutoTokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    # Ray sets OMP_NUM_THREADS to the replica's num_cpus (the child inherits it); torch_threads overrides it.
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_model(args.model, dtype=args.dtype, device=device)
+    policy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
+    engine = SpecEngine(model, policy, EngineConfig(args.max_batch_size, args.max_context),
+                        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    log.info("engine built on %s with %d torch threads", device, torch.get_num_threads())
+    return engine
