@@ -1,8 +1,9 @@
 """The engine's own thread: requests join the running batch between steps (no Ray here).
 
-A Serve replica's event loop must stay free to accept and stream requests while the model
-computes, so the `SpecEngine` runs on a dedicated thread. Other threads hand it requests and
-aborts through an inbox; it hands each request's committed tokens to that request's sink.
+The `SpecEngine` runs on a dedicated thread so that whoever feeds it (in serving: the engine
+process's pipe reader, see engine_process.py) stays free while the model computes. Other threads
+hand it requests and aborts through an inbox; it hands each request's committed tokens to that
+request's sink.
 
 The engine is also *built* on that thread, and no other thread runs torch ops: each thread that
 runs parallel CPU kernels gets its own OpenMP team, and two teams spinning on a 2-core machine

@@ -128,8 +128,8 @@ class SpecEngine:
         }
         self.waiting: deque[Request] = deque()
         self.running: dict[str, SequenceState] = {}
-        # Lowest slot first (a heap): the running batch stays packed into slots 0..B-1, so its
-        # KV rows are read as one view instead of gathered (a copy per layer per step).
+        # Lowest slot first (a heap): the running batch stays packed into slots 0..B-1, so a
+        # forward over all of it reads its KV rows as one view instead of gathering them.
         self.free_slots = list(range(slots))
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
         # Every forward run, by shape -> count. The cost model (hispec.bench.costmodel) prices this
