@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from pathlib import Path
 
 import torch
@@ -43,3 +44,25 @@ def first_draft_proposal(model: EarlyExitModel, ids: list[int], exit_layer: int)
     """The token the exit after `exit_layer` predicts after `ids` (what a draft proposes there)."""
     hidden = model.causal_hidden_states(torch.tensor([ids]), [exit_layer])[0]
     return int(model.exit_logits(hidden[0, -1]).argmax())
+
+
+def collect(engine, request: Request) -> queue.Queue:
+    """Submit to an EngineLoop or EngineProcess; its events land in the returned queue."""
+    events: queue.Queue = queue.Queue()
+    engine.submit(request, events.put)
+    return events
+
+
+def drain(events: queue.Queue, timeout: float = 60.0):
+    """(tokens, result) of a finished stream, or (tokens so far, Failed) of a failed one."""
+    from hispec.serving.engine_loop import Failed
+
+    tokens = []
+    while True:
+        event = events.get(timeout=timeout)
+        if isinstance(event, Failed):
+            return tokens, event
+        tokens += event.token_ids
+        if event.result is not None:
+            assert tokens == event.result.token_ids
+            return tokens, event.result

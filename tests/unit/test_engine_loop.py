@@ -8,7 +8,7 @@ from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed
 from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
-from tests.unit.spec_helpers import random_prompts
+from tests.unit.spec_helpers import collect, drain, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
 
 
@@ -25,24 +25,6 @@ def start_loop(checkpoint, slots=3, hierarchy=((2, 4), (2, 2))):
         return SpecEngine(model, Hierarchy(model.config.num_layers, *hierarchy), EngineConfig(max_batch_size=slots))
 
     return EngineLoop(build).start()
-
-
-def collect(loop: EngineLoop, request: Request) -> queue.Queue:
-    events: queue.Queue = queue.Queue()
-    loop.submit(request, events.put)
-    return events
-
-
-def drain(events: queue.Queue, timeout=60.0) -> tuple[list[int], object]:
-    tokens = []
-    while True:
-        event = events.get(timeout=timeout)
-        if isinstance(event, Failed):
-            return tokens, event
-        tokens += event.token_ids
-        if event.result is not None:
-            assert tokens == event.result.token_ids
-            return tokens, event.result
 
 
 def test_concurrent_requests_equal_plain_greedy(checkpoint):

@@ -12,7 +12,7 @@ from hispec.model.greedy import greedy_generate
 from hispec.serving.engine_loop import Committed, Failed
 from hispec.serving.engine_process import EngineProcess
 from hispec.spec import BatchPolicy, EngineConfig, Hierarchy, Request, SpecEngine
-from tests.unit.spec_helpers import random_prompts
+from tests.unit.spec_helpers import collect, drain, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
 
 
@@ -38,24 +38,6 @@ def engine(checkpoint):
     process = EngineProcess(functools.partial(build_tiny, checkpoint, 3)).start(timeout_s=120)
     yield process
     process.stop()
-
-
-def collect(engine: EngineProcess, request: Request) -> queue.Queue:
-    events: queue.Queue = queue.Queue()
-    engine.submit(request, events.put)
-    return events
-
-
-def drain(events: queue.Queue, timeout=60.0):
-    tokens = []
-    while True:
-        event = events.get(timeout=timeout)
-        if isinstance(event, Failed):
-            return tokens, event
-        tokens += event.token_ids
-        if event.result is not None:
-            assert tokens == event.result.token_ids
-            return tokens, event.result
 
 
 def wait_idle(engine: EngineProcess, timeout=30.0) -> None:
