@@ -15,7 +15,8 @@ The child runs an `EngineLoop` (the engine on its own thread, built there) and f
 to it; each loop iteration sends one message back: the events of that step and a load snapshot.
 If the child dies, every open request fails and `alive` turns false (the replica's health check
 then fails and Serve replaces the replica). If the replica dies, the child sees its pipe close
-and exits.
+and exits. The child inherits the replica's environment, so it sees the GPU Ray assigned to the
+replica (CUDA_VISIBLE_DEVICES) and nothing else.
 """
 
 from __future__ import annotations
