@@ -123,17 +123,25 @@ class EngineProcess:
         if request.on_tokens is not None:
             raise ValueError("requests for an engine process stream through their sink, not on_tokens")
         with self._lock:
-            if not self.alive:
-                sink(Failed(RuntimeError("the engine process is not running")))
-                return
-            self._sinks[request.request_id] = sink
-            self._commands.send(("submit", request))
+            sent = self.alive
+            if sent:
+                self._sinks[request.request_id] = sink
+                try:
+                    self._commands.send(("submit", request))
+                except OSError:  # the child just died; the reader fails the others
+                    del self._sinks[request.request_id]
+                    sent = False
+        if not sent:
+            sink(Failed(RuntimeError("the engine process is not running")))
 
     def abort(self, request_id: str) -> None:
         """Drop a request (e.g. its client went away); its sink hears nothing more."""
         with self._lock:
             if self._sinks.pop(request_id, None) is not None and self.alive:
-                self._commands.send(("abort", request_id))
+                try:
+                    self._commands.send(("abort", request_id))
+                except OSError:
+                    pass  # the child is gone, and the request with it
 
     def snapshot(self) -> LoopSnapshot:
         return self._snapshot
@@ -156,9 +164,9 @@ class EngineProcess:
                         last = isinstance(event, Failed) or event.result is not None
                         sink = self._sinks.pop(request_id, None) if last else self._sinks.get(request_id)
                     if sink is not None:
-                        sink(event)
+                        _call_quietly(sink, event)
                 if self.on_step is not None:
-                    self.on_step(snapshot)
+                    _call_quietly(self.on_step, snapshot)
         finally:
             self._exited.set()
             self._process.join(5)
@@ -166,7 +174,15 @@ class EngineProcess:
             with self._lock:
                 sinks, self._sinks = list(self._sinks.values()), {}
             for sink in sinks:
-                sink(Failed(error))
+                _call_quietly(sink, Failed(error))
+
+
+def _call_quietly(callback: Callable, argument) -> None:
+    """A failing sink or metrics hook (e.g. its event loop already closed) must not stop the reader."""
+    try:
+        callback(argument)
+    except Exception:  # noqa: BLE001
+        log.exception("engine event callback failed")
 
 
 # ---- the child -----------------------------------------------------------------------------

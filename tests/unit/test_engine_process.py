@@ -116,3 +116,12 @@ def test_a_dead_child_fails_open_requests_and_refuses_new_ones(checkpoint):
         assert isinstance(refused, Failed) and "not running" in str(refused.error)
     finally:
         engine.stop()
+
+
+def test_a_failing_sink_does_not_stop_the_others(engine):
+    def broken(event):
+        raise RuntimeError("this event loop is closed")
+
+    engine.submit(Request([7, 8], 5, stop_token_ids=()), broken)
+    tokens, result = drain(collect(engine, Request([1, 2], 6, stop_token_ids=())))
+    assert len(tokens) == 6 and result.finish_reason == "length" and engine.alive
