@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.ramp < 0 or args.warmup < 0 or args.repeats < 1 or min(concurrency) < 1:
         raise SystemExit("bench-serve: --duration must be > 0, --ramp/--warmup >= 0, --repeats and concurrency >= 1")
     levels: dict[int, list[LevelRun]] = {c: [] for c in concurrency}
-    asyncio.run(run_level(args.target, prompts, 1, 0.0, args.warmup or 1e-3, args.max_new_tokens))
+    if args.warmup:
+        asyncio.run(run_level(args.target, prompts, 1, 0.0, args.warmup, args.max_new_tokens))
     with tqdm(total=args.repeats * len(concurrency), desc="levels", file=sys.stderr) as progress:
         for _ in range(args.repeats):
             for c in concurrency:

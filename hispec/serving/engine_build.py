@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,6 +12,12 @@ from hispec.serving.config import AppArgs
 from hispec.spec import EngineConfig, SpecEngine, resolve_policy
 
 log = logging.getLogger(__name__)
+
+
+def detokenizer(tokenizer) -> Callable[[Sequence[int]], str]:
+    """Token ids -> text, the one way both processes decode: the engine finds stop strings in
+    it and the replica cuts the streamed text with it, so they must agree."""
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def build_engine(args: AppArgs) -> SpecEngine:
@@ -25,6 +32,6 @@ def build_engine(args: AppArgs) -> SpecEngine:
     model = load_model(args.model, dtype=args.dtype, device=device)
     policy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
     engine = SpecEngine(model, policy, EngineConfig(args.max_batch_size, args.max_context),
-                        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+                        detokenize=detokenizer(tokenizer))
     log.info("engine built on %s with %d torch threads", device, torch.get_num_threads())
     return engine

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from hispec.serving.config import AppArgs
-from hispec.serving.engine_build import build_engine
+from hispec.serving.engine_build import build_engine, detokenizer
 from hispec.serving.engine_loop import Failed
 from hispec.serving.engine_process import EngineProcess
 from hispec.serving.messages import Chunk, EngineInfo
@@ -45,7 +45,7 @@ class HiSpecEngine:
         self.args = AppArgs.model_validate(args)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.args.model)
+        self._detokenize = detokenizer(AutoTokenizer.from_pretrained(self.args.model))
         self.metrics = EngineMetrics()
         self.gpus = GpuMonitor()
         self.engine = EngineProcess(functools.partial(build_engine, self.args), on_step=self.metrics.observe_load).start()
@@ -55,9 +55,6 @@ class HiSpecEngine:
                                Limits(summary.capacity, summary.vocab_size, self.args.default_max_new_tokens,
                                       self.args.max_prompt_chars, self.args.max_stop_strings))
         log.info("engine ready (process %s): %s, policy %s", self.engine.pid, self.args.model, summary.policy)
-
-    def _detokenize(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[Chunk]:
         """Streams the continuation of `prompt_ids` (called with `handle.options(stream=True)`)."""

@@ -95,12 +95,12 @@ class HiSpecIngress:
 
     def _grpc_error(self, context: RayServegRPCContext, method: str, error: Exception) -> None:
         if isinstance(error, InvalidArgument):
-            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+            code = grpc.StatusCode.INVALID_ARGUMENT
         else:
-            code, details = grpc.StatusCode.INTERNAL, str(error)
+            code = grpc.StatusCode.INTERNAL
             log.exception("gRPC %s failed", method, exc_info=error)
         context.set_code(code)
-        context.set_details(details)
+        context.set_details(str(error))
         self.metrics.failed("grpc", method, code.name)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
