@@ -1,5 +1,8 @@
 """One Llama decoder layer with fused projections (qkv in one matmul, gate+up in one).
 
+`csrc/layer_stack.cpp` runs the same forward op for op in C++: change both together (a test
+asserts they agree bit for bit).
+
 Fusing cuts the kernels per layer in a decode step, which is what a small-batch decode on a
 CPU (or a small GPU batch) pays for; the math is exactly Llama's.
 """
@@ -37,6 +40,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_norm = nn.Parameter(torch.ones(d))
         self.gate_up_proj = nn.Linear(d, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
+
+    def parameter_list(self) -> list[torch.Tensor | None]:
+        """This layer's tensors in the order the C++ layer stack takes them (csrc/layer_stack.cpp)."""
+        return [
+            self.input_norm, self.qkv_proj.weight, self.qkv_proj.bias, self.o_proj.weight, self.o_proj.bias,
+            self.post_attention_norm, self.gate_up_proj.weight, self.gate_up_proj.bias,
+            self.down_proj.weight, self.down_proj.bias,
+        ]
 
     def forward(self, x: torch.Tensor, step: ForwardStep, cache: KVCache) -> torch.Tensor:
         """x: [B, T, d] -> [B, T, d]; writes this layer's K/V for the step into `cache`."""

@@ -36,8 +36,12 @@ def load_model(
     with_head: bool = True,
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    native: bool = True,
 ) -> EarlyExitModel:
     """Load layers `layer_range` (default: all) and, when asked, the embeddings and exit head.
+
+    `native`: run the layer loop in C++ when the extension can be built (same results; see
+    `EarlyExitModel.use_native_layers`).
 
     The returned model's `loaded_tensor_names` is the set of checkpoint tensors read.
     """
@@ -65,4 +69,6 @@ def load_model(
         raise RuntimeError(f"parameters left unloaded: {meta}")
     if torch.device(device).type == "cpu" and dtype == torch.float32:
         model.store_projections_input_major()  # faster CPU GEMMs; see the method
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    model.use_native_layers(native)
+    return model

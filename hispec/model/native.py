@@ -1,0 +1,68 @@
+"""The C++ layer stack (csrc/layer_stack.cpp), built on first use with torch's JIT extension
+builder and cached on disk (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions).
+
+The first build takes about 30 s on a 2-core CPU (a file lock keeps concurrent processes from
+building twice); later loads take milliseconds. Without a C++ compiler or ninja, or with
+`HISPEC_NATIVE=0`, `layer_stack_module()` returns None and the model keeps its Python layer loop,
+which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "layer_stack.cpp"
+DISABLE_ENV = "HISPEC_NATIVE"
+
+
+def native_enabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+@functools.cache
+def layer_stack_module() -> ModuleType | None:
+    """The compiled extension, or None (with a warning saying why) when it cannot be built."""
+    if not native_enabled():
+        return None
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        log.warning("no C++ compiler found: decoder layers run in Python (slower, same results)")
+        return None
+    with _ninja_on_path():
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError:
+            log.warning("ninja not found: decoder layers run in Python (slower, same results)")
+            return None
+        try:
+            return cpp_extension.load(name="hispec_layer_stack", sources=[str(SOURCE)], extra_cflags=["-O2"])
+        except Exception as exc:  # a broken toolchain must not take the runtime down
+            log.warning("building the C++ layer stack failed, decoder layers run in Python: %s", exc)
+            return None
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """The `ninja` wheel (a dependency) puts its binary in the venv's bin/, which is not on PATH
+    when the venv's python is run directly; torch's builder looks for it on PATH."""
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, old))
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
