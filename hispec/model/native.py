@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -20,7 +21,8 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "layer_stack.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "layer_stack.cpp"
 DISABLE_ENV = "HISPEC_NATIVE"
 
 
@@ -45,10 +47,25 @@ def layer_stack_module() -> ModuleType | None:
             log.warning("ninja not found: decoder layers run in Python (slower, same results)")
             return None
         try:
-            return cpp_extension.load(name="hispec_layer_stack", sources=[str(SOURCE)], extra_cflags=["-O2"])
+            # -march=native: the extension is built on the machine that runs it (AVX-512 here).
+            return cpp_extension.load(
+                name=_versioned_name(),
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native"],
+                extra_include_paths=[str(SOURCE.parent)],
+            )
         except Exception as exc:  # a broken toolchain must not take the runtime down
             log.warning("building the C++ layer stack failed, decoder layers run in Python: %s", exc)
             return None
+
+
+def _versioned_name() -> str:
+    """torch's builder rebuilds when the listed sources change, not when a header does: the
+    name carries a digest of every file in csrc/, so an edit anywhere builds a new module."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return f"hispec_native_{digest.hexdigest()[:12]}"
 
 
 @contextlib.contextmanager

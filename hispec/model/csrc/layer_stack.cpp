@@ -1,23 +1,60 @@
-// A run of decoder layers in one call from Python: the same ATen ops, in the same order, as
-// hispec/model/layers.py (DecoderLayer.forward), so the result is bit-identical to the eager
-// Python path. What it removes is the Python interpreter between ops: a decode step runs
-// ~25 small ops per layer, and at small batch on a CPU each costs more to dispatch from
-// Python (~5-10 us) than to compute. Shapes follow layers.py: x [B, T, d], caches
-// [slots, Hkv, capacity + 1, D].
+// A run of decoder layers in one call from Python: the forward of hispec/model/layers.py
+// (DecoderLayer.forward), op for op, without the Python interpreter between ops: a decode step
+// runs ~25 small ops per layer, and at small batch on a CPU each costs more to dispatch from
+// Python (~5-10 us) than to compute. In fp32 on CPU the projections and norms use the kernels
+// of cpu_kernels.h (bf16-stored weights when they are exact, one-pass RMSNorm), so results
+// match the Python path to rounding, not bit for bit. Shapes follow layers.py: x [B, T, d],
+// caches [slots, Hkv, capacity + 1, D].
 #include <torch/extension.h>
 
 #include <cmath>
 #include <optional>
 #include <vector>
 
+#include "cpu_kernels.h"
+
 using at::Tensor;
 using torch::indexing::Slice;
 
 namespace {
 
+// A linear layer. `compact` is a bf16 copy of `weight`, kept only when it holds exactly the
+// same values (a checkpoint stored in bf16) and the weights are fp32 on CPU; calls with at
+// most `max_rows` rows use it, larger ones (prefill) MKL.
+struct Linear {
+  Tensor weight;
+  std::optional<Tensor> bias;
+  Tensor compact;  // hispec::pack_bf16_weights(weight), or undefined
+  int64_t max_rows = 0;
+
+  Linear() = default;
+  Linear(Tensor w, std::optional<Tensor> b, bool compact_weights, int64_t rows) : weight(w), bias(b), max_rows(rows) {
+    if (compact_weights && w.device().is_cpu() && w.scalar_type() == at::kFloat &&
+        at::equal(w.to(at::kBFloat16).to(at::kFloat), w)) {
+      compact = hispec::pack_bf16_weights(w);
+    }
+  }
+
+  Tensor operator()(const Tensor& x) const {
+    if (compact.defined() && x.scalar_type() == at::kFloat && x.numel() / x.size(-1) <= max_rows) {
+      return hispec::linear_packed(x, compact, weight.size(0), bias);
+    }
+    return at::linear(x, weight, bias);
+  }
+
+  bool is_compact() const { return compact.defined(); }
+};
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  if (x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat) {
+    return hispec::rms_norm_f32(x, weight, eps);
+  }
+  return at::rms_norm(x, {x.size(-1)}, weight, eps);
+}
+
 struct Layer {
-  Tensor input_norm, qkv_w, o_w, post_norm, gate_up_w, down_w;
-  std::optional<Tensor> qkv_b, o_b, gate_up_b, down_b;
+  Tensor input_norm, post_norm;
+  Linear qkv, o, gate_up, down;
 };
 
 // The per-step inputs every layer shares (hispec.model.step.ForwardStep, flattened).
@@ -34,14 +71,23 @@ struct Step {
 class LayerStack {
  public:
   LayerStack(std::vector<std::vector<std::optional<Tensor>>> layers, int64_t n_heads, int64_t n_kv_heads,
-             int64_t head_dim, double eps)
+             int64_t head_dim, double eps, bool compact_weights, int64_t max_compact_rows)
       : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps) {
     for (auto& w : layers) {
       TORCH_CHECK(w.size() == 10, "a layer takes 10 tensors (weights and optional biases)");
       // [input_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b]
       for (int i : {0, 1, 3, 5, 6, 8}) TORCH_CHECK(w[i].has_value(), "layer tensor ", i, " is required");
-      layers_.push_back(Layer{*w[0], *w[1], *w[3], *w[5], *w[6], *w[8], w[2], w[4], w[7], w[9]});
+      auto linear = [&](int i) { return Linear(*w[i], w[i + 1], compact_weights, max_compact_rows); };
+      layers_.push_back(Layer{*w[0], *w[5], linear(1), linear(3), linear(6), linear(8)});
     }
+  }
+
+  // Whether every projection reads bf16-stored weights at small batch.
+  bool compact() const {
+    for (const auto& l : layers_) {
+      if (!(l.qkv.is_compact() && l.o.is_compact() && l.gate_up.is_compact() && l.down.is_compact())) return false;
+    }
+    return !layers_.empty();
   }
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
@@ -66,7 +112,7 @@ class LayerStack {
     const int64_t B = x.size(0), T = x.size(1);
     const int64_t H = n_heads_, Hkv = n_kv_heads_, D = head_dim_;
     // _project_qkv
-    Tensor qkv = at::linear(at::rms_norm(x, {x.size(2)}, w.input_norm, eps_), w.qkv_w, w.qkv_b);
+    Tensor qkv = w.qkv(rms_norm(x, w.input_norm, eps_));
     auto parts = qkv.split_with_sizes({(H + Hkv) * D, Hkv * D}, -1);
     Tensor qk = parts[0].view({B, T, H + Hkv, D});
     qk = at::addcmul(qk * step.cos, qk.roll({D / 2}, {-1}), step.sin);
@@ -105,9 +151,9 @@ class LayerStack {
                                               std::nullopt, Hkv != H);
     }
     // _output_and_mlp
-    Tensor h = x + at::linear(attn.transpose(1, 2).reshape({B, T, -1}), w.o_w, w.o_b);
-    auto gate_up = at::linear(at::rms_norm(h, {h.size(2)}, w.post_norm, eps_), w.gate_up_w, w.gate_up_b).chunk(2, -1);
-    return h + at::linear(at::silu(gate_up[0]) * gate_up[1], w.down_w, w.down_b);
+    Tensor h = x + w.o(attn.transpose(1, 2).reshape({B, T, -1}));
+    auto gate_up = w.gate_up(rms_norm(h, w.post_norm, eps_)).chunk(2, -1);
+    return h + w.down(at::silu(gate_up[0]) * gate_up[1]);
   }
 
   std::vector<Layer> layers_;
@@ -117,9 +163,29 @@ class LayerStack {
 
 }  // namespace
 
+// The exit head (final norm + LM head) with the same kernels as the layers.
+class ExitHead {
+ public:
+  ExitHead(Tensor norm, Tensor weight, double eps, bool compact_weights, int64_t max_compact_rows)
+      : norm_(norm), head_(weight, std::nullopt, compact_weights, max_compact_rows), eps_(eps) {}
+  Tensor forward(const Tensor& hidden) const { return head_(rms_norm(hidden, norm_, eps_)); }
+  bool compact() const { return head_.is_compact(); }
+
+ private:
+  Tensor norm_;
+  Linear head_;
+  double eps_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<ExitHead>(m, "ExitHead")
+      .def(pybind11::init<Tensor, Tensor, double, bool, int64_t>())
+      .def_property_readonly("compact", &ExitHead::compact)
+      .def("forward", &ExitHead::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<LayerStack>(m, "LayerStack")
-      .def(pybind11::init<std::vector<std::vector<std::optional<Tensor>>>, int64_t, int64_t, int64_t, double>())
+      .def(pybind11::init<std::vector<std::vector<std::optional<Tensor>>>, int64_t, int64_t, int64_t, double, bool,
+                          int64_t>())
       .def("__len__", &LayerStack::size)
+      .def_property_readonly("compact", &LayerStack::compact)
       .def("forward", &LayerStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
