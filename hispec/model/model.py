@@ -26,11 +26,6 @@ from hispec.model.rope import RotaryTable, inverse_frequencies, rotary_cos_sin
 from hispec.model.step import ForwardStep, plan_step
 
 
-# Forwards with at most this many rows (sequences x tokens) read the bf16-stored copy of the
-# weights in the C++ path (decode and verification); larger ones (prefill) go to MKL in fp32.
-MAX_COMPACT_ROWS = 32
-
-
 class EarlyExitModel(nn.Module):
     def __init__(
         self,
@@ -139,12 +134,10 @@ class EarlyExitModel(nn.Module):
 
     def use_native_layers(self, enabled: bool = True) -> bool:
         """Run the layer loop and the exit head in C++ (`hispec.model.native`): the forward of
-        `DecoderLayer`, op for op, without the Python interpreter between ops (a decode step is
-        ~25 small ops per layer). On CPU in fp32, weights that bf16 holds exactly (a bf16
-        checkpoint, like the bundled one) are also kept packed in bf16 and read by a GEMV kernel
-        for forwards of up to MAX_COMPACT_ROWS rows, which halves the bytes a decode step streams;
-        norms take one pass. Results then match the Python path to fp32 rounding (fp64: bit for
-        bit). The bundled model's 16 layers at batch 1: ~2.9 ms per token instead of ~7.5-9.7.
+        `DecoderLayer` without the Python interpreter between ops (a decode step is ~25 small
+        ops per layer). In fp32 on CPU the norms, rotary + KV write and attention are one-pass
+        kernels, so results match the Python path to fp32 rounding; other dtypes and devices
+        run the same ATen ops as the Python path, bit for bit.
 
         The stack holds references to the current parameters; `.to()` and
         `store_projections_input_major()` rebind it. Returns whether it is on (False when the
@@ -159,10 +152,9 @@ class EarlyExitModel(nn.Module):
         self._native = module.LayerStack(
             [layer.parameter_list() for layer in self._ordered_layers],
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
-            True, MAX_COMPACT_ROWS,
         )
         if self.lm_head is not None:
-            self._native_head = module.ExitHead(self.norm, self.lm_head.weight, cfg.rms_norm_eps, True, MAX_COMPACT_ROWS)
+            self._native_head = module.ExitHead(self.norm, self.lm_head.weight, cfg.rms_norm_eps)
         return True
 
     @property

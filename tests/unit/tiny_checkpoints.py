@@ -41,7 +41,6 @@ def make_checkpoint(
     max_position_embeddings: int = 256,
     initializer_range: float = 0.08,
     eos_token_id: int = 2,
-    dtype: torch.dtype = torch.float32,
 ) -> LlamaForCausalLM:
     overrides, save_kwargs = VARIANTS[variant]
     config = LlamaConfig(
@@ -56,7 +55,7 @@ def make_checkpoint(
             for name, p in model.named_parameters():
                 if name.endswith(".bias"):
                     p.normal_(0, 0.05)
-    model.to(dtype).save_pretrained(directory, **save_kwargs)
+    model.save_pretrained(directory, **save_kwargs)
     return model
 
 

@@ -1,10 +1,10 @@
 // A run of decoder layers in one call from Python: the forward of hispec/model/layers.py
 // (DecoderLayer.forward), op for op, without the Python interpreter between ops: a decode step
 // runs ~25 small ops per layer, and at small batch on a CPU each costs more to dispatch from
-// Python (~5-10 us) than to compute. In fp32 on CPU the projections and norms use the kernels
-// of cpu_kernels.h (bf16-stored weights when they are exact, one-pass RMSNorm), so results
-// match the Python path to rounding, not bit for bit. Shapes follow layers.py: x [B, T, d],
-// caches [slots, Hkv, capacity + 1, D].
+// Python (~5-10 us) than to compute. In fp32 on CPU the norms, rotary + cache write and
+// attention are the one-pass kernels of cpu_kernels.h, so results match the Python path to
+// fp32 rounding, not bit for bit; other dtypes and devices run the same ATen ops as layers.py.
+// Shapes follow layers.py: x [B, T, d], caches [slots, Hkv, capacity + 1, D].
 #include <torch/extension.h>
 
 #include <cmath>
@@ -18,31 +18,17 @@ using torch::indexing::Slice;
 
 namespace {
 
-// A linear layer. `compact` is a bf16 copy of `weight`, kept only when it holds exactly the
-// same values (a checkpoint stored in bf16) and the weights are fp32 on CPU; calls with at
-// most `max_rows` rows use it, larger ones (prefill) MKL.
+// A linear layer; the residual, when given, is added inside the GEMM (addmm's beta = 1).
 struct Linear {
   Tensor weight;
   std::optional<Tensor> bias;
-  Tensor compact;  // hispec::pack_bf16_weights(weight), or undefined
-  int64_t max_rows = 0;
 
-  Linear() = default;
-  Linear(Tensor w, std::optional<Tensor> b, bool compact_weights, int64_t rows) : weight(w), bias(b), max_rows(rows) {
-    if (compact_weights && w.device().is_cpu() && w.scalar_type() == at::kFloat &&
-        at::equal(w.to(at::kBFloat16).to(at::kFloat), w)) {
-      compact = hispec::pack_bf16_weights(w);
-    }
+  Tensor operator()(const Tensor& x, const Tensor& residual = Tensor()) const {
+    if (!residual.defined()) return at::linear(x, weight, bias);
+    if (bias.has_value() && bias->defined()) return residual + at::linear(x, weight, bias);
+    const int64_t n = weight.size(0);
+    return at::addmm(residual.reshape({-1, n}), x.reshape({-1, x.size(-1)}), weight.t()).view(residual.sizes());
   }
-
-  Tensor operator()(const Tensor& x) const {
-    if (compact.defined() && x.scalar_type() == at::kFloat && x.numel() / x.size(-1) <= max_rows) {
-      return hispec::linear_packed(x, compact, weight.size(0), bias);
-    }
-    return at::linear(x, weight, bias);
-  }
-
-  bool is_compact() const { return compact.defined(); }
 };
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
@@ -71,23 +57,15 @@ struct Step {
 class LayerStack {
  public:
   LayerStack(std::vector<std::vector<std::optional<Tensor>>> layers, int64_t n_heads, int64_t n_kv_heads,
-             int64_t head_dim, double eps, bool compact_weights, int64_t max_compact_rows)
+             int64_t head_dim, double eps)
       : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim), eps_(eps) {
     for (auto& w : layers) {
       TORCH_CHECK(w.size() == 10, "a layer takes 10 tensors (weights and optional biases)");
       // [input_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b]
       for (int i : {0, 1, 3, 5, 6, 8}) TORCH_CHECK(w[i].has_value(), "layer tensor ", i, " is required");
-      auto linear = [&](int i) { return Linear(*w[i], w[i + 1], compact_weights, max_compact_rows); };
+      auto linear = [&](int i) { return Linear{*w[i], w[i + 1]}; };
       layers_.push_back(Layer{*w[0], *w[5], linear(1), linear(3), linear(6), linear(8)});
     }
-  }
-
-  // Whether every projection reads bf16-stored weights at small batch.
-  bool compact() const {
-    for (const auto& l : layers_) {
-      if (!(l.qkv.is_compact() && l.o.is_compact() && l.gate_up.is_compact() && l.down.is_compact())) return false;
-    }
-    return !layers_.empty();
   }
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
@@ -109,10 +87,32 @@ class LayerStack {
 
  private:
   Tensor layer(const Layer& w, const Tensor& x, const Step& step, Tensor keys_cache, Tensor values_cache) const {
+    if (x.device().is_cpu() && x.scalar_type() == at::kFloat && keys_cache.is_contiguous() &&
+        values_cache.is_contiguous()) {
+      return layer_cpu_f32(w, x, step, keys_cache, values_cache);
+    }
+    return layer_aten(w, x, step, keys_cache, values_cache);
+  }
+
+  // fp32 on CPU: the same forward with fused kernels (cpu_kernels.h) for the small ops.
+  Tensor layer_cpu_f32(const Layer& w, const Tensor& x, const Step& step, Tensor keys_cache,
+                       Tensor values_cache) const {
+    const Tensor slots = step.slot_index.view({-1});
+    Tensor qkv = w.qkv(hispec::rms_norm_f32(x, w.input_norm, eps_));
+    Tensor q = hispec::rope_and_store(qkv, step.cos, step.sin, keys_cache, values_cache, slots, step.write_pos,
+                                      n_heads_, n_kv_heads_, head_dim_);
+    Tensor attn = hispec::attention(q, keys_cache, values_cache, slots, step.kv_len, step.mask, n_kv_heads_);
+    Tensor h = w.o(attn, x);
+    auto gate_up = w.gate_up(hispec::rms_norm_f32(h, w.post_norm, eps_)).chunk(2, -1);
+    return w.down(at::silu(gate_up[0]) * gate_up[1], h);
+  }
+
+  // Any dtype and device: ATen ops, exactly as layers.py.
+  Tensor layer_aten(const Layer& w, const Tensor& x, const Step& step, Tensor keys_cache, Tensor values_cache) const {
     const int64_t B = x.size(0), T = x.size(1);
     const int64_t H = n_heads_, Hkv = n_kv_heads_, D = head_dim_;
     // _project_qkv
-    Tensor qkv = w.qkv(rms_norm(x, w.input_norm, eps_));
+    Tensor qkv = w.qkv(at::rms_norm(x, {x.size(-1)}, w.input_norm, eps_));
     auto parts = qkv.split_with_sizes({(H + Hkv) * D, Hkv * D}, -1);
     Tensor qk = parts[0].view({B, T, H + Hkv, D});
     qk = at::addcmul(qk * step.cos, qk.roll({D / 2}, {-1}), step.sin);
@@ -152,7 +152,7 @@ class LayerStack {
     }
     // _output_and_mlp
     Tensor h = x + w.o(attn.transpose(1, 2).reshape({B, T, -1}));
-    auto gate_up = w.gate_up(rms_norm(h, w.post_norm, eps_)).chunk(2, -1);
+    auto gate_up = w.gate_up(at::rms_norm(h, {h.size(-1)}, w.post_norm, eps_)).chunk(2, -1);
     return h + w.down(at::silu(gate_up[0]) * gate_up[1]);
   }
 
@@ -163,13 +163,11 @@ class LayerStack {
 
 }  // namespace
 
-// The exit head (final norm + LM head) with the same kernels as the layers.
+// The exit head (final norm + LM head) with the layers' norm kernel.
 class ExitHead {
  public:
-  ExitHead(Tensor norm, Tensor weight, double eps, bool compact_weights, int64_t max_compact_rows)
-      : norm_(norm), head_(weight, std::nullopt, compact_weights, max_compact_rows), eps_(eps) {}
+  ExitHead(Tensor norm, Tensor weight, double eps) : norm_(norm), head_{weight, std::nullopt}, eps_(eps) {}
   Tensor forward(const Tensor& hidden) const { return head_(rms_norm(hidden, norm_, eps_)); }
-  bool compact() const { return head_.is_compact(); }
 
  private:
   Tensor norm_;
@@ -178,14 +176,14 @@ class ExitHead {
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The kernels on their own, for tests and benchmarks.
+  m.def("rms_norm_f32", &hispec::rms_norm_f32);
+  m.def("attention", &hispec::attention);
   pybind11::class_<ExitHead>(m, "ExitHead")
-      .def(pybind11::init<Tensor, Tensor, double, bool, int64_t>())
-      .def_property_readonly("compact", &ExitHead::compact)
+      .def(pybind11::init<Tensor, Tensor, double>())
       .def("forward", &ExitHead::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<LayerStack>(m, "LayerStack")
-      .def(pybind11::init<std::vector<std::vector<std::optional<Tensor>>>, int64_t, int64_t, int64_t, double, bool,
-                          int64_t>())
+      .def(pybind11::init<std::vector<std::vector<std::optional<Tensor>>>, int64_t, int64_t, int64_t, double>())
       .def("__len__", &LayerStack::size)
-      .def_property_readonly("compact", &LayerStack::compact)
       .def("forward", &LayerStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
