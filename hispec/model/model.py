@@ -84,8 +84,8 @@ class EarlyExitModel(nn.Module):
     ) -> ForwardStep:
         """Plan a step that appends `num_tokens` to `slots` after the cache length of `layer`
         (default: the cache's first layer)."""
-        if self._rotary is None or self._rotary.dtype != self.dtype or self._rotary.inv_freq is not self.inv_freq:
-            self._rotary = RotaryTable(self.inv_freq, self.dtype)  # (re)built after loading / .to()
+        if self._rotary is None or self._rotary.inv_freq is not self.inv_freq:
+            self._rotary = RotaryTable(self.inv_freq, self.dtype)  # (re)built after loading; `_apply` drops it
         return plan_step(cache, cache.layer_lo if layer is None else layer, slots, num_tokens, self._rotary)
 
     # ---- forward pieces ------------------------------------------------------------------
@@ -103,15 +103,19 @@ class EarlyExitModel(nn.Module):
         first, last = self.layer_range
         if not first <= lo < hi <= last:
             raise ValueError(f"layers [{lo}, {hi}) are not owned by this model part {self.layer_range}")
-        slots = list(step.slots)
-        held = cache.lengths[lo - cache.layer_lo : hi - cache.layer_lo, slots]  # [hi-lo, B], host
+        rows = slice(lo - cache.layer_lo, hi - cache.layer_lo)
+        # [hi-lo, B] host lengths; one sequence: a view, no fancy-index copy
+        held = cache.lengths[rows, step.slots[0]] if step.batch_size == 1 else cache.lengths[rows, list(step.slots)]
         if not (held == step.starts).all():
             raise ValueError(
                 f"cache lengths {held.tolist()} of layers [{lo}, {hi}) do not match the step's starts "
                 f"{step.starts.tolist()}: roll back or advance the layers first"
             )
         hidden = self._run_layers(hidden, step, cache, lo - first, hi - first)
-        cache.set_lengths((lo, hi), slots, step.ends)
+        if step.batch_size == 1:
+            held[...] = step.ends[0]  # `held` is a view of the cache's lengths; the plan checked the capacity
+        else:
+            cache.set_lengths((lo, hi), step.slots, step.ends)
         return hidden
 
     def _run_layers(self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int) -> torch.Tensor:
@@ -163,6 +167,7 @@ class EarlyExitModel(nn.Module):
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
+        self._rotary = None  # the dtype or device may have changed
         if self._native is not None:  # parameters may be new tensors now
             self.use_native_layers()
         return module

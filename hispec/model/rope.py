@@ -71,11 +71,18 @@ class RotaryTable:
 
     def lookup(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (CPU int64) -> cos, sin [B, T, 1, head_dim] on the table's device."""
-        needed = (int(positions.max()) if max_position is None else max_position) + 1
+        self._grow((int(positions.max()) if max_position is None else max_position) + 1)
+        index = positions.to(self.cos.device)
+        return self.cos[index][:, :, None, :], self.sin[index][:, :, None, :]
+
+    def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, end - start, 1, head_dim] of positions start..end-1: views, no gather."""
+        self._grow(end)
+        return self.cos[start:end, None, :].unsqueeze(0), self.sin[start:end, None, :].unsqueeze(0)
+
+    def _grow(self, needed: int) -> None:
         if needed > self.cos.shape[0]:
             size = max(needed, 2 * self.cos.shape[0], 256)
             rows = torch.arange(size, device=self.inv_freq.device)[None, :]
             cos, sin = rotary_cos_sin(rows, self.inv_freq, self.dtype)  # [1, size, 1, D]
             self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]
-        index = positions.to(self.cos.device)
-        return self.cos[index][:, :, None, :], self.sin[index][:, :, None, :]

@@ -8,6 +8,7 @@ per-layer code only indexes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,10 @@ def plan_step(
     Index arithmetic is done with numpy on the host (microseconds per op); tensors are made
     once at the end: this runs every step, and small-tensor dispatch would dominate it."""
     slots = tuple(int(s) for s in slots)
+    if len(slots) == 1:
+        count = num_tokens if isinstance(num_tokens, int) else int(np.asarray(num_tokens).reshape(-1)[0]) \
+            if len(num_tokens) == 1 else -1
+        return _plan_one_sequence(cache, layer, slots[0], count, rotary)
     if not slots:
         raise ValueError("a step needs at least one sequence")
     if len(set(slots)) != len(slots):
@@ -112,6 +117,44 @@ def plan_step(
         uniform_columns=slice(start, start + width) if uniform else None,
         positions=positions_tensor.to(device),
         kv_len=kv_len,
+        mask=mask,
+        cos=cos,
+        sin=sin,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _slot_tensor(slot: int, device: torch.device) -> torch.Tensor:
+    """[1, 1] int64 slot index, made once per slot (read-only)."""
+    return torch.tensor([[slot]], device=device)
+
+
+def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary: RotaryTable) -> ForwardStep:
+    """`plan_step` for one sequence (every step at batch size 1): one block of `count` tokens
+    at the positions after its cache length, in Python ints; cos/sin are views of the table.
+    Same fields as the general path builds for this case."""
+    if count <= 0:
+        raise ValueError(f"num_tokens must be one positive count per slot, got {count}")
+    start = int(cache.layer_lengths(layer)[slot])
+    end = start + count
+    if end > cache.capacity:
+        raise ValueError(f"context length limit: sequences would reach {[end]} tokens, cache holds {cache.capacity}")
+    device = cache.keys[0].device
+    positions = torch.arange(start, end, device=device).view(1, count)  # < capacity: no clamping
+    mask = None
+    if count > 1:  # key j is visible to the query at position p when j <= p
+        mask = (torch.arange(end, device=device).view(1, 1, 1, end) <= positions.view(1, 1, count, 1))
+    cos, sin = rotary.rows(start, end)
+    return ForwardStep(
+        slots=(slot,),
+        starts=np.array([start], dtype=np.int64),
+        num_tokens=np.array([count], dtype=np.int64),
+        slot_index=_slot_tensor(slot, device),
+        slot_read=slice(slot, slot + 1),
+        write_pos=positions,
+        uniform_columns=slice(start, end),
+        positions=positions,
+        kv_len=end,
         mask=mask,
         cos=cos,
         sin=sin,
