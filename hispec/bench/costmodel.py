@@ -11,9 +11,12 @@ means, the prediction of a run equals the time its model work took. Timing in pl
 real step, and on this 2-core VM that moved per-layer costs by 2x either way.
 
 `price(log)` = sum over shapes of count x (plan + forward + head): the time the
-algorithm needs with this runtime. Measured time / that time is the engine's own overhead
-(scheduling, buffers, sampling decisions, Python), the part an implementation can remove:
-1 - measured/predicted is the share of the run spent outside the model's forwards.
+algorithm needs with this runtime (predicted tokens/s use the means over the whole benchmark).
+Measured / predicted is priced per run with that run's own timings (`since(mark)`), then the
+median over repetitions: on this VM the machine's speed drifts by tens of percent between
+repetitions, and mixing one run's wall time with another's forward costs measured the drift, not
+the engine. 1 - measured/predicted is the share of the run spent outside the model's forwards
+(scheduling, buffers, sampling decisions, Python), the part an implementation can remove.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from contextlib import contextmanager
 
 from hispec.model.model import EarlyExitModel
 from hispec.spec.engine import ForwardShape
+
+
+_SAMPLES = ("plan_samples", "forward_samples", "head_samples")
 
 
 class CostTable:
@@ -82,6 +88,22 @@ class CostTable:
     def price(self, log: Counter) -> float:
         """Seconds the forwards in `log` cost at the recorded per-shape rates."""
         return sum(count * self.forward_seconds(shape) for shape, count in log.items())
+
+    def mark(self) -> dict[str, dict]:
+        """How many samples each shape has now; `since(mark)` keeps only later ones."""
+        return {name: {key: len(v) for key, v in getattr(self, name).items()} for name in _SAMPLES}
+
+    def since(self, mark: dict[str, dict]) -> "CostTable":
+        """A table of the samples recorded after `mark`: the costs of one run, timed in that run.
+        Pricing a run's own log with it gives the time that run spent in model work, so
+        price / wall time is its efficiency even when the machine's speed drifts between runs."""
+        table = CostTable()
+        for name in _SAMPLES:
+            seen = mark[name]
+            for key, samples in getattr(self, name).items():
+                if len(samples) > seen.get(key, 0):
+                    getattr(table, name)[key] = samples[seen.get(key, 0):]
+        return table
 
     def to_dict(self) -> dict:
         def us(samples):

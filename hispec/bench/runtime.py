@@ -1,11 +1,12 @@
-"""Runtime micro-benchmark: our decode step vs transformers' eager model with its KV cache,
-and the cost of a k-token verify forward relative to a 1-token forward.
+"""Runtime micro-benchmark: our decode step (the C++ layer stack, the Python layer loop, and the
+torch.compile'd loop) vs transformers' eager model with its KV cache, and the cost of a k-token
+verify forward relative to a 1-token forward.
 
     hispec bench-runtime --out runs/bench-runtime
 
 Builds a random Llama checkpoint of the given shape (default 8 layers, hidden 256), saves it
 with `save_pretrained`, loads it into both runtimes, and times greedy decoding with the
-repetitions interleaved (ours, HF, ours, HF, ...). Reports medians; writes JSON and a PNG.
+repetitions interleaved (ours, python, compiled, HF, ours, ...). Reports medians; writes JSON and a PNG.
 """
 
 from __future__ import annotations
@@ -112,37 +113,46 @@ def run(cfg: RuntimeBenchConfig) -> dict:
         prompt = torch.randint(0, cfg.vocab, (1, cfg.prompt_len), generator=torch.Generator().manual_seed(0))
         for dtype_name in cfg.dtypes:
             dtype = resolve_dtype(dtype_name)
-            ours = load_model(tmp, dtype=dtype)
-            compiled = load_model(tmp, dtype=dtype).compile_layers()
+            ours = load_model(tmp, dtype=dtype)  # the C++ layer stack where it can be built
+            python = load_model(tmp, dtype=dtype, native=False)
+            compiled = load_model(tmp, dtype=dtype, native=False).compile_layers()
             decode_ours(compiled, prompt, cfg.new_tokens)  # compile (excluded from timing)
             hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="eager").eval()
-            ours_ms, compiled_ms, hf_ms = [], [], []
-            same_as_hf = same_compiled = True
+            ours_ms, python_ms, compiled_ms, hf_ms = [], [], [], []
+            same_as_hf = same_compiled = same_python = True
             for _ in tqdm(range(cfg.repeats), desc=f"decode {dtype_name}", unit="rep"):
                 tokens_ours, s_ours = decode_ours(ours, prompt, cfg.new_tokens)
+                tokens_python, s_python = decode_ours(python, prompt, cfg.new_tokens)
                 tokens_compiled, s_compiled = decode_ours(compiled, prompt, cfg.new_tokens)
                 tokens_hf, s_hf = decode_hf(hf, prompt, cfg.new_tokens)
                 ours_ms.append(s_ours * 1e3)
+                python_ms.append(s_python * 1e3)
                 compiled_ms.append(s_compiled * 1e3)
                 hf_ms.append(s_hf * 1e3)
                 same_as_hf &= tokens_ours == tokens_hf
-                same_compiled &= tokens_compiled == tokens_ours
+                same_compiled &= tokens_compiled == tokens_python
+                same_python &= tokens_python == tokens_ours
             context = cfg.prompt_len + cfg.new_tokens
             one = forward_cost(ours, context, 1)
             k = forward_cost(ours, context, cfg.verify_tokens)
             results["dtypes"][dtype_name] = {
+                "native_layers": ours.native_layers,
                 "ours_ms_per_token": statistics.median(ours_ms),
+                "python_ms_per_token": statistics.median(python_ms),
                 "compiled_ms_per_token": statistics.median(compiled_ms),
                 "hf_ms_per_token": statistics.median(hf_ms),
                 "speedup_vs_hf": statistics.median(hf_ms) / statistics.median(ours_ms),
+                "python_speedup_vs_hf": statistics.median(hf_ms) / statistics.median(python_ms),
                 "compiled_speedup_vs_hf": statistics.median(hf_ms) / statistics.median(compiled_ms),
                 "ours_ms_per_token_runs": ours_ms,
+                "python_ms_per_token_runs": python_ms,
                 "compiled_ms_per_token_runs": compiled_ms,
                 "hf_ms_per_token_runs": hf_ms,
                 # bf16 rounding differs between implementations, so near-ties may flip there;
                 # fp32 is the reference for equality.
                 "greedy_tokens_identical_to_hf": same_as_hf,
-                "compiled_tokens_identical_to_eager": same_compiled,
+                "compiled_tokens_identical_to_eager": same_compiled,  # eager: the Python loop
+                "python_tokens_identical_to_ours": same_python,
                 "forward_1_token_ms": one * 1e3,
                 f"forward_{cfg.verify_tokens}_tokens_ms": k * 1e3,
                 f"verify_{cfg.verify_tokens}_vs_1_ratio": k / one,
@@ -160,10 +170,10 @@ def plot(results: dict, path: Path) -> None:
     names = list(results["dtypes"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     xs = range(len(names))
-    series = [("hf_ms_per_token", "transformers eager"), ("ours_ms_per_token", "hispec eager"),
-              ("compiled_ms_per_token", "hispec compiled")]
+    series = [("hf_ms_per_token", "transformers eager"), ("python_ms_per_token", "hispec, Python layer loop"),
+              ("compiled_ms_per_token", "hispec, compiled loop"), ("ours_ms_per_token", "hispec, C++ layer stack")]
     for i, (key, label) in enumerate(series):
-        a.bar([x + (i - 1) * 0.27 for x in xs], [results["dtypes"][n][key] for n in names], 0.27, label=label)
+        a.bar([x + (i - 1.5) * 0.2 for x in xs], [results["dtypes"][n][key] for n in names], 0.2, label=label)
     a.set_xticks(list(xs), names)
     a.set_ylabel("ms per decoded token (median)")
     a.set_title("decode step, batch 1")
@@ -193,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "runtime.png")
     k = results["config"]["verify_tokens"]
-    print(f"{'dtype':10} {'ours ms/tok':>12} {'compiled':>9} {'hf ms/tok':>10} {'speedup':>8} {'compiled':>9}"
-          f" {k}-vs-1 fwd  same-as-hf  compiled-same")
+    print(f"{'dtype':10} {'ours ms/tok':>12} {'python':>7} {'compiled':>9} {'hf ms/tok':>10} {'speedup':>8}"
+          f" {'python':>7} {'compiled':>9} {k}-vs-1 fwd  same-as-hf  python-same  compiled-same")
     for name, r in results["dtypes"].items():
-        print(f"{name:10} {r['ours_ms_per_token']:12.2f} {r['compiled_ms_per_token']:9.2f} {r['hf_ms_per_token']:10.2f}"
-              f" {r['speedup_vs_hf']:8.2f}x {r['compiled_speedup_vs_hf']:8.2f}x"
-              f" {r[f'verify_{k}_vs_1_ratio']:10.2f}x  {r['greedy_tokens_identical_to_hf']!s:10} {r['compiled_tokens_identical_to_eager']}")
+        print(f"{name:10} {r['ours_ms_per_token']:12.2f} {r['python_ms_per_token']:7.2f} {r['compiled_ms_per_token']:9.2f}"
+              f" {r['hf_ms_per_token']:10.2f} {r['speedup_vs_hf']:8.2f}x {r['python_speedup_vs_hf']:6.2f}x"
+              f" {r['compiled_speedup_vs_hf']:8.2f}x {r[f'verify_{k}_vs_1_ratio']:10.2f}x"
+              f"  {r['greedy_tokens_identical_to_hf']!s:10} {r['python_tokens_identical_to_ours']!s:12}"
+              f" {r['compiled_tokens_identical_to_eager']}")
     print(f"wrote {out / 'results.json'} and {out / 'runtime.png'}")
     return 0
 

@@ -56,6 +56,24 @@ def test_engine_logs_every_forward_and_the_cost_model_prices_it(checkpoint):
         costs.forward_seconds(ForwardShape(8, 3, 7, 0))
 
 
+def test_a_run_priced_with_its_own_timings_is_its_model_time(checkpoint):
+    """`since(mark)` keeps one run's samples: pricing that run's log with them gives exactly the
+    summed time of its plan / forward / head calls, and an earlier run's samples do not leak in."""
+    model = load_model(checkpoint)
+    costs = CostTable()
+    hierarchy = Hierarchy(8, (1, 3), (2, 3))
+    with costs.recording(model):
+        SpecEngine(model, hierarchy, EngineConfig(max_batch_size=1)).generate([Request([4, 2], 8, stop_token_ids=())])
+        mark = costs.mark()
+        engine = SpecEngine(model, hierarchy, EngineConfig(max_batch_size=1))
+        engine.generate([Request([5, 6, 7], 12, stop_token_ids=())])
+    run = costs.since(mark)
+    recorded = sum(sum(v) for table in (run.plan_samples, run.forward_samples, run.head_samples) for v in table.values())
+    assert run.price(engine.forward_log) == pytest.approx(recorded)
+    assert sum(len(v) for v in run.forward_samples.values()) == sum(engine.forward_log.values())
+    assert sum(len(v) for v in costs.forward_samples.values()) > sum(engine.forward_log.values())
+
+
 def test_tune_writes_a_config_that_generate_uses(checkpoint, tmp_path):
     assert tune.main(["--model", str(checkpoint), "--num-prompts", "2", "--skip-prompts", "0",
                       "--max-new-tokens", "8", "--out", str(tmp_path)]) == 0
