@@ -84,6 +84,12 @@ class KVCache:
         """Move the valid length of `slots` in layers [lo, hi) back to `lengths` (no copy)."""
         lo, hi = layers
         rows = slice(self._row(lo), self._row(hi - 1) + 1)
+        if len(slots) == 1:  # the engine's case: one sequence, a view of its lengths, no fancy indexing
+            current, new = self.lengths[rows, slots[0]], int(lengths[0])
+            if new < 0 or (new > current).any():
+                raise ValueError(f"rollback cannot extend: {[new]} > {current.tolist()}")
+            current[...] = new
+            return
         new = np.asarray(lengths, dtype=np.int64)
         current = self.lengths[rows, list(slots)]
         if (new > current).any():

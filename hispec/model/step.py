@@ -24,6 +24,7 @@ class ForwardStep:
     slots: tuple[int, ...]
     starts: np.ndarray  # [B] int64, host: valid cache length before the step
     num_tokens: np.ndarray  # [B] int64, host: real tokens per sequence (<= T)
+    ends: np.ndarray  # [B] int64, host: starts + num_tokens, the cache lengths after the step
     slot_index: torch.Tensor  # [B, 1] device: cache row of each sequence, for writes
     slot_read: slice | torch.Tensor  # contiguous slots read as a view, others gathered
     write_pos: torch.Tensor  # [B, T] device: cache column per token (padding -> scratch)
@@ -45,9 +46,6 @@ class ForwardStep:
     def width(self) -> int:
         return self.write_pos.shape[1]
 
-    @property
-    def ends(self) -> np.ndarray:
-        return self.starts + self.num_tokens
 
     def last_token_index(self) -> torch.Tensor:
         """[B] index along T of each sequence's last real token (to pick its logits)."""
@@ -111,6 +109,7 @@ def plan_step(
         slots=slots,
         starts=starts,
         num_tokens=counts,
+        ends=ends,
         slot_index=slot_tensor[:, None],
         slot_read=slice(first, first + len(slots)) if contiguous else slot_tensor,
         write_pos=torch.from_numpy(write_pos).to(device),
@@ -149,6 +148,7 @@ def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary
         slots=(slot,),
         starts=np.array([start], dtype=np.int64),
         num_tokens=np.array([count], dtype=np.int64),
+        ends=np.array([end], dtype=np.int64),
         slot_index=_slot_tensor(slot, device),
         slot_read=slice(slot, slot + 1),
         write_pos=positions,

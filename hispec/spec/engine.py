@@ -114,6 +114,7 @@ class SpecEngine:
         if self.policy.choose(1).num_layers != L:
             raise ValueError(f"hierarchy is for {self.policy.choose(1).num_layers} layers, the model has {L}")
         self.model, self.config = model, config
+        self.device = model.device  # read per forward; the property walks the module tree
         self.hierarchy = self.policy.choose(1)  # what a lone request gets
         self.detokenize = detokenize
         self.verifier = verifier or RejectionSampler()
@@ -261,10 +262,10 @@ class SpecEngine:
         T = step.width
         if step.starts.tolist() != [f.start for f in feeds]:
             raise RuntimeError(f"levels {first}..{last}: cache lengths {step.starts.tolist()} != planned starts")
-        ring_columns = _ring_columns(feeds, T, W, model.device)  # [B, T] index, or a slice for one sequence
+        ring_columns = _ring_columns(feeds, T, W, self.device)  # [B, T] index, or a slice for one sequence
         if first == 0:
             ids = [f.seq.tokens[f.start : f.start + f.count] + [0] * (T - f.count) for f in feeds]
-            hidden = model.embed(torch.tensor(ids, device=model.device))
+            hidden = model.embed(torch.tensor(ids, device=self.device))
         else:
             hidden = _ring_read(lane.hidden_rings[first - 1], step, ring_columns)  # [B, T, d]
         hidden = model.forward_layers(hidden, step, self.cache, lo, hi)  # [B, T, d]
@@ -286,7 +287,7 @@ class SpecEngine:
             rows_hidden = hidden[0]  # [T, d]: one sequence, no padding
         else:
             flat = [b * T + t for b, f in wanted for t in range(f.count)]
-            rows_hidden = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=model.device)]
+            rows_hidden = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=self.device)]
         logits = model.exit_logits(rows_hidden)  # [N, V]
         rows, probs, row = {}, {}, 0
         for _, f in wanted:
@@ -294,11 +295,11 @@ class SpecEngine:
             row += f.count
         sampled = [f for _, f in wanted if not f.seq.sampling.greedy]
         if sampled:
-            index = torch.tensor([rows[f.seq.slot] + t for f in sampled for t in range(f.count)], device=model.device)
+            index = torch.tensor([rows[f.seq.slot] + t for f in sampled for t in range(f.count)], device=self.device)
             params = [f.seq.sampling for f in sampled for _ in range(f.count)]
             all_probs = processed_probs(logits[index], params).split([f.count for f in sampled])
             probs = {f.seq.slot: p for f, p in zip(sampled, all_probs)}
-        return LevelLogits(rows, logits, logits.argmax(-1).tolist(), probs)  # host sync
+        return LevelLogits(rows, logits, argmax_rows(logits), probs)
 
     # ---- decisions -----------------------------------------------------------------------
     def _draft(self, seq: SequenceState, out: LevelLogits, lane: Lane) -> None:
@@ -427,7 +428,7 @@ class SpecEngine:
         sampling = request.sampling.with_seed()
         if not sampling.greedy and lane.prob_rings is None and K:
             shape = (self.config.max_batch_size, hierarchy.window, self.model.config.vocab_size)
-            lane.prob_rings = [torch.zeros(shape, device=self.model.device) for _ in range(K)]
+            lane.prob_rings = [torch.zeros(shape, device=self.device) for _ in range(K)]
         stop_ids = self.model.config.eos_token_ids if request.stop_token_ids is None else request.stop_token_ids
         seq = SequenceState(
             request=request, hierarchy=hierarchy, sampling=sampling, slot=heapq.heappop(self.free_slots),
@@ -449,12 +450,12 @@ class SpecEngine:
         step = model.plan(self.cache, [s.slot for s in admitted], lengths, layer=0)
         T = step.width
         ids = torch.tensor([list(s.request.prompt_ids) + [0] * (T - n) for s, n in zip(admitted, lengths)],
-                           device=model.device)
+                           device=self.device)
         hidden = model.forward_layers(model.embed(ids), step, self.cache, 0, L)  # [B, T, d]
-        last = hidden[torch.arange(len(admitted), device=model.device), step.last_token_index()]  # [B, d]
+        last = hidden[torch.arange(len(admitted), device=self.device), step.last_token_index()]  # [B, d]
         logits = model.exit_logits(last)  # [B, V]
         self.forward_log[ForwardShape(L, len(admitted), T, len(admitted), prefill=True)] += 1
-        argmax = logits.argmax(-1).tolist()  # host sync
+        argmax = argmax_rows(logits)
         outputs = []
         for b, seq in enumerate(admitted):
             P, K = seq.prompt_len, seq.hierarchy.depth
@@ -473,6 +474,14 @@ class SpecEngine:
             seq.committed_before_step = P
             outputs.append(self._commit(seq))
         return outputs
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first maximum on ties, like torch), on the host. On CPU through
+    numpy: ~2 us instead of torch's ~20-50 us for [1-5, 8192], which is per forward at batch 1."""
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()  # host sync
 
 
 def _same_catch_ups(a: list[Feed], b: list[Feed]) -> bool:
