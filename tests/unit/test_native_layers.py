@@ -92,3 +92,34 @@ def test_switching_off(tmp_path):
     model = load_model(tmp_path)
     assert model.native_layers
     assert model.use_native_layers(False) is False and not model.native_layers
+
+
+@pytest.mark.parametrize("heads, kv_heads, T", [(4, 2, 1), (4, 2, 5), (8, 2, 3), (4, 4, 2)])
+def test_attention_kernel_matches_sdpa(heads, kv_heads, T):
+    """The fp32 attention kernel against torch's SDPA on the same cache rows: grouped heads,
+    a causal mask with padding rows, sequences in non-adjacent slots."""
+    module = layer_stack_module()
+    g = torch.Generator().manual_seed(heads * 10 + T)
+    B, D, cap, kv_len = 2, 16, 24, 11
+    keys, values = (torch.randn(4, kv_heads, cap + 1, D, generator=g) for _ in range(2))
+    q = torch.randn(B, T, heads, D, generator=g)
+    slots = torch.tensor([3, 1])
+    positions = torch.tensor([[kv_len - T + t for t in range(T)], [4 + min(t, 1) for t in range(T)]])
+    mask = torch.arange(kv_len)[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, kv_len]
+    got = module.attention(q, keys, values, slots, kv_len, mask, kv_heads)  # [B, T, H * D]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), keys[slots, :, :kv_len], values[slots, :, :kv_len], attn_mask=mask,
+        enable_gqa=heads != kv_heads,
+    ).transpose(1, 2).reshape(B, T, heads * D)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if T == 1:  # no mask: every key up to kv_len
+        unmasked = module.attention(q, keys, values, slots, kv_len, None, kv_heads)
+        torch.testing.assert_close(unmasked, module.attention(q, keys, values, slots, kv_len, torch.ones_like(mask), kv_heads))
+
+
+def test_rms_norm_kernel_matches_torch():
+    module = layer_stack_module()
+    g = torch.Generator().manual_seed(0)
+    for d in (256, 64, 40):  # 40: a width that is not a multiple of the vector length
+        x, w = torch.randn(3, 5, d, generator=g), torch.randn(d, generator=g)
+        torch.testing.assert_close(module.rms_norm_f32(x, w, 1e-5), torch.nn.functional.rms_norm(x, (d,), w, 1e-5))

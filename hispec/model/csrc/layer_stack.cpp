@@ -161,8 +161,6 @@ class LayerStack {
   double eps_;
 };
 
-}  // namespace
-
 // The exit head (final norm + LM head) with the layers' norm kernel.
 class ExitHead {
  public:
@@ -174,6 +172,8 @@ class ExitHead {
   Linear head_;
   double eps_;
 };
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels on their own, for tests and benchmarks.
