@@ -33,5 +33,6 @@ def build_engine(args: AppArgs) -> SpecEngine:
     policy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
     engine = SpecEngine(model, policy, EngineConfig(args.max_batch_size, args.max_context),
                         detokenize=detokenizer(tokenizer))
-    log.info("engine built on %s with %d torch threads", device, torch.get_num_threads())
+    log.info("engine built on %s with %d torch threads, %s layer loop", device, torch.get_num_threads(),
+             "C++" if model.native_layers else "Python")
     return engine
