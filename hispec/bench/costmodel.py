@@ -40,7 +40,8 @@ class CostTable:
         # (layers, B, T, prefill) -> seconds of the whole forward: a forward over few layers carries the
         # same fixed cost (length checks, dispatch warm-up) as a deep one, so cost is not layers x a rate
         self.forward_samples: dict[tuple[int, int, int, bool], list[float]] = defaultdict(list)
-        self.head_samples: dict[int, list[float]] = defaultdict(list)  # rows -> seconds
+        # (rows, vocabulary scored: 0 = all) -> seconds
+        self.head_samples: dict[tuple[int, int], list[float]] = defaultdict(list)
 
     @contextmanager
     def recording(self, model: EarlyExitModel) -> Iterator["CostTable"]:
@@ -63,11 +64,11 @@ class CostTable:
             self.forward_samples[(hi - lo, *key(step))].append(time.perf_counter() - started)
             return out
 
-        def timed_head(hidden):
+        def timed_head(hidden, vocab_limit=None):
             started = time.perf_counter()
-            logits = exit_logits(hidden)
-            self.head_samples[hidden.shape[0] if hidden.dim() == 2 else hidden.shape[-2]].append(
-                time.perf_counter() - started)
+            logits = exit_logits(hidden, vocab_limit)
+            rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[-2]
+            self.head_samples[(rows, vocab_limit or 0)].append(time.perf_counter() - started)
             return logits
 
         model.plan, model.forward_layers, model.exit_logits = timed_plan, timed_forward, timed_head
@@ -82,7 +83,7 @@ class CostTable:
             raise KeyError(f"no timings recorded for forwards of shape {key}")
         seconds = statistics.fmean(self.plan_samples[key[1:]]) + statistics.fmean(self.forward_samples[key])
         if shape.head_rows:
-            seconds += statistics.fmean(self.head_samples[shape.head_rows])
+            seconds += statistics.fmean(self.head_samples[(shape.head_rows, shape.head_vocab)])
         return seconds
 
     def price(self, log: Counter) -> float:
@@ -113,5 +114,6 @@ class CostTable:
             "forward_us": {f"{n}layers-B{b}xT{t}{'-prefill' if p else ''}": {
                 "plan": us(self.plan_samples[(b, t, p)]), "forward": us(v), "per_layer": round(us(v) / n, 1),
                 "samples": len(v)} for (n, b, t, p), v in sorted(self.forward_samples.items())},
-            "head_us": {str(rows): us(v) for rows, v in sorted(self.head_samples.items())},
+            "head_us": {f"{rows}@{vocab}" if vocab else str(rows): us(v)
+                        for (rows, vocab), v in sorted(self.head_samples.items())},
         }

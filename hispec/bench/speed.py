@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-exit", type=int, help="assistant_early_exit for hf-early-exit (default: the fastest "
                                                     "of a quick sweep over exits)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--draft-vocab", type=int, help="proposals below the target score tokens [0, N) only "
+                                                        "(EngineConfig.draft_vocab; default: the full head)")
     parser.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -56,11 +58,12 @@ def read_prompts(path: Path, count: int) -> list[str]:
 
 
 class OurMethod:
-    def __init__(self, model, hierarchy):
-        self.model, self.hierarchy = model, hierarchy
+    def __init__(self, model, hierarchy, draft_vocab=None):
+        self.model, self.hierarchy, self.draft_vocab = model, hierarchy, draft_vocab
 
     def run(self, prompt_ids, max_new, batch_size):
-        engine = SpecEngine(self.model, self.hierarchy, EngineConfig(max_batch_size=batch_size))
+        config = EngineConfig(max_batch_size=batch_size, draft_vocab=self.draft_vocab)
+        engine = SpecEngine(self.model, self.hierarchy, config)
         started = time.perf_counter()
         results = engine.generate([Request(ids, max_new) for ids in prompt_ids])
         return time.perf_counter() - started, [r.token_ids for r in results], engine
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     eos = list(model.config.eos_token_ids)
     hierarchies = {m: resolve_hierarchy(m, L, args.model) for m in OURS if m in args.methods}
-    methods = {m: OurMethod(model, h) for m, h in hierarchies.items()}
+    methods = {m: OurMethod(model, h, args.draft_vocab) for m, h in hierarchies.items()}
     if set(HF) & set(args.methods):
         hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
         if "hf" in args.methods:
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "config": {"model": str(args.model), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                    "repeats": args.repeats, "threads": args.threads, "dtype": "float32", "new_tokens": new_tokens,
+                   "draft_vocab": args.draft_vocab,
                    "command": "hispec bench " + " ".join(argv if argv is not None else [])},
         "methods": {name: entry(name, 1) for name in methods},
         "batch_sizes": {str(b): {m: entry(m, b) for m in hierarchies} for b in args.batch_sizes if b > 1},

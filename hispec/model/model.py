@@ -54,6 +54,7 @@ class EarlyExitModel(nn.Module):
         self._rotary: RotaryTable | None = None
         # The C++ layer loop and exit head, when use_native_layers() turned them on.
         self._native = self._native_head = None
+        self._limited_heads: dict = {}  # vocab_limit -> head over tokens [0, vocab_limit)
 
     # ---- set-up --------------------------------------------------------------------------
     @property
@@ -147,6 +148,7 @@ class EarlyExitModel(nn.Module):
         `store_projections_input_major()` rebind it. Returns whether it is on (False when the
         extension cannot be built: the Python loop then runs)."""
         self._native = self._native_head = None
+        self._limited_heads = {}  # rebuilt on use, with or without the C++ head
         if not enabled:
             return False
         module = layer_stack_module()
@@ -161,6 +163,22 @@ class EarlyExitModel(nn.Module):
             self._native_head = module.ExitHead(self.norm, self.lm_head.weight, cfg.rms_norm_eps)
         return True
 
+    def _limited_head(self, vocab_limit: int):
+        """hidden [..., d] -> logits of tokens [0, vocab_limit), made once per limit."""
+        head = self._limited_heads.get(vocab_limit)
+        if head is None:
+            if not 0 < vocab_limit <= self.config.vocab_size:
+                raise ValueError(f"vocab_limit must be in [1, {self.config.vocab_size}], got {vocab_limit}")
+            weight = self.lm_head.weight[:vocab_limit]  # [n, d], a view of the head's rows
+            module = layer_stack_module() if self._native_head is not None else None
+            if module is not None:
+                head = module.ExitHead(self.norm, weight, self.config.rms_norm_eps).forward
+            else:
+                eps = self.config.rms_norm_eps
+                head = lambda hidden: torch.nn.functional.linear(rms_norm(hidden, self.norm, eps), weight)  # noqa: E731
+            self._limited_heads[vocab_limit] = head
+        return head
+
     @property
     def native_layers(self) -> bool:
         return self._native is not None
@@ -168,6 +186,7 @@ class EarlyExitModel(nn.Module):
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         self._rotary = None  # the dtype or device may have changed
+        self._limited_heads = {}
         if self._native is not None:  # parameters may be new tensors now
             self.use_native_layers()
         return module
@@ -202,10 +221,17 @@ class EarlyExitModel(nn.Module):
         self._run_layers = torch.compile(self._run_layers, dynamic=True)
         return self
 
-    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The exit head (shared final norm + LM head) on hidden states [..., d] -> [..., vocab]."""
+    def exit_logits(self, hidden: torch.Tensor, vocab_limit: int | None = None) -> torch.Tensor:
+        """The exit head (shared final norm + LM head) on hidden states [..., d] -> [..., vocab].
+
+        `vocab_limit=n`: logits of tokens [0, n) only, [..., n] (the first n rows of the head, a
+        view). For proposals below the target, where any distribution is lossless: a byte-level
+        BPE vocabulary is numbered in merge order, so the lowest ids are the most frequent tokens,
+        and a head that fits the CPU's L2 costs a fraction of the full one."""
         if self.lm_head is None or self.norm is None:
             raise RuntimeError("this model part was loaded without the exit head")
+        if vocab_limit is not None and vocab_limit < self.config.vocab_size:
+            return self._limited_head(vocab_limit)(hidden)
         if self._native_head is not None:
             return self._native_head.forward(hidden)
         return self.lm_head(rms_norm(hidden, self.norm, self.config.rms_norm_eps))

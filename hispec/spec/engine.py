@@ -44,6 +44,11 @@ class EngineConfig:
     # Verify in step with the batch: a greedy sequence with proposals waiting at a level someone
     # else verifies this step verifies them too (see align_actions). Output is the same either way.
     align_verification: bool = True
+    # Proposals below the target (drafts, intermediate verifications) of greedy sequences come
+    # from the exit head over tokens [0, draft_vocab) only (see EarlyExitModel.exit_logits):
+    # lossless, since only the target's distribution decides; cheaper when the full head does
+    # not fit the cache. None: the full head everywhere. Sampled sequences always use the full head.
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -52,6 +57,8 @@ class EngineConfig:
             raise ValueError("max_context must be >= 2")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise ValueError("draft_vocab must be >= 1 (or None: the full head)")
 
 
 class ForwardShape(NamedTuple):
@@ -60,6 +67,7 @@ class ForwardShape(NamedTuple):
     tokens: int  # tokens per sequence, padded (the widest sequence's)
     head_rows: int  # exit-head rows computed after it (0: catch-up only)
     prefill: bool = False  # prompt processing (keys start at position 0)
+    head_vocab: int = 0  # tokens the exit head scored: 0 = the whole vocabulary (EngineConfig.draft_vocab)
 
 
 @dataclass
@@ -114,6 +122,8 @@ class SpecEngine:
         if self.policy.choose(1).num_layers != L:
             raise ValueError(f"hierarchy is for {self.policy.choose(1).num_layers} layers, the model has {L}")
         self.model, self.config = model, config
+        vocab = model.config.vocab_size
+        self.draft_vocab = config.draft_vocab if config.draft_vocab is not None and config.draft_vocab < vocab else None
         self.device = model.device  # read per forward; the property walks the module tree
         self.hierarchy = self.policy.choose(1)  # what a lone request gets
         self.detokenize = detokenize
@@ -280,7 +290,9 @@ class SpecEngine:
                 f.seq.stats.target_passes += 1
 
         wanted = [(b, f) for b, f in enumerate(feeds) if f.wants_logits]
-        self.forward_log[ForwardShape(hi - lo, len(feeds), T, sum(f.count for _, f in wanted))] += 1
+        sampled = [f for _, f in wanted if not f.seq.sampling.greedy]
+        limit = self.draft_vocab if last < K and not sampled else None  # below the target, greedy only
+        self.forward_log[ForwardShape(hi - lo, len(feeds), T, sum(f.count for _, f in wanted), False, limit or 0)] += 1
         if not wanted:
             return None
         if len(feeds) == 1:
@@ -288,12 +300,11 @@ class SpecEngine:
         else:
             flat = [b * T + t for b, f in wanted for t in range(f.count)]
             rows_hidden = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=self.device)]
-        logits = model.exit_logits(rows_hidden)  # [N, V]
+        logits = model.exit_logits(rows_hidden, limit)  # [N, V], or [N, draft_vocab]: ids are column indices
         rows, probs, row = {}, {}, 0
         for _, f in wanted:
             rows[f.seq.slot] = row
             row += f.count
-        sampled = [f for _, f in wanted if not f.seq.sampling.greedy]
         if sampled:
             index = torch.tensor([rows[f.seq.slot] + t for f in sampled for t in range(f.count)], device=self.device)
             params = [f.seq.sampling for f in sampled for _ in range(f.count)]

@@ -147,3 +147,22 @@ def test_aligned_verification_runs_fewer_deep_forwards_with_the_same_output(mode
     reference = {f"r{i}": greedy_generate(model, p, 24)[0] for i, p in enumerate(prompts)}
     assert outputs[False] == outputs[True] == reference
     assert deep[True] < deep[False]
+
+
+def test_pruned_draft_head_leaves_sampled_and_mixed_batches_exact(tmp_path):
+    """EngineConfig.draft_vocab applies to greedy forwards below the target only: a batch that
+    mixes greedy and seeded sampled requests gives the same outputs with and without it."""
+    from hispec.model.greedy import greedy_generate
+    from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+    from tests.unit.spec_helpers import random_prompts, tiny_model
+
+    model = tiny_model(tmp_path)
+    prompts = random_prompts((3, 7, 4, 9), model.config.vocab_size, seed=5)
+    sampling = [SamplingParams(), SamplingParams(temperature=0.8, seed=11), SamplingParams(),
+                SamplingParams(temperature=1.0, top_p=0.9, seed=3)]
+    outputs = []
+    for draft_vocab in (None, 30):
+        engine = SpecEngine(model, Hierarchy(6, (1, 3), (2, 3)), EngineConfig(max_batch_size=4, draft_vocab=draft_vocab))
+        outputs.append([r.token_ids for r in engine.generate([Request(p, 20, s) for p, s in zip(prompts, sampling)])])
+    assert outputs[0] == outputs[1]
+    assert outputs[1][0] == greedy_generate(model, prompts[0], 20)[0]

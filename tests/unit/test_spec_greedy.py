@@ -35,6 +35,20 @@ def test_equals_greedy(model, prompts, reference, exits, budgets):
     assert all(r.finish_reason == "length" for r in results)
 
 
+@pytest.mark.parametrize("exits,budgets", GRID, ids=[f"e{e}-n{n}" for e, n in GRID])
+@pytest.mark.parametrize("draft_vocab", [7, 40])
+def test_pruned_draft_head_equals_greedy(model, prompts, reference, exits, budgets, draft_vocab):
+    """Proposals from a head over tokens [0, draft_vocab) only (7: most true tokens are outside,
+    so nearly every proposal is rejected; 40 of 101: some are) still give plain greedy's output
+    (with 7, only a target on the full head can produce it), and the levels below used that head."""
+    requests = requests_for(prompts, NEW_TOKENS)
+    engine = SpecEngine(model, Hierarchy(model.config.num_layers, exits, budgets),
+                        EngineConfig(max_batch_size=3, draft_vocab=draft_vocab))
+    assert [r.token_ids for r in engine.generate(requests)] == reference
+    scored = {shape.head_vocab for shape in engine.forward_log if shape.head_rows and not shape.prefill}
+    assert scored == ({draft_vocab, 0} if exits else {0})
+
+
 @pytest.mark.parametrize("exits,budgets", [((2,), (6,)), ((1, 3), (3, 5)), ((1, 2, 4), (2, 3, 4))])
 @pytest.mark.parametrize("max_new", [1, 2, 3, 5, 8, 13])
 def test_max_new_tokens_mid_buffer(model, prompts, reference, exits, budgets, max_new):
