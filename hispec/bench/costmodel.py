@@ -100,10 +100,10 @@ class CostTable:
         price / wall time is its efficiency even when the machine's speed drifts between runs."""
         table = CostTable()
         for name in _SAMPLES:
-            seen = mark[name]
             for key, samples in getattr(self, name).items():
-                if len(samples) > seen.get(key, 0):
-                    getattr(table, name)[key] = samples[seen.get(key, 0):]
+                seen = mark[name].get(key, 0)
+                if len(samples) > seen:
+                    getattr(table, name)[key] = samples[seen:]
         return table
 
     def to_dict(self) -> dict:

@@ -71,29 +71,33 @@ class KVCache:
         """[num_slots] valid lengths of one layer (a view; do not mutate)."""
         return self.lengths[self._row(layer)]
 
-    def set_lengths(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
-        """Set the valid length of `slots` in layers [lo, hi) (used after a forward appended)."""
+    def span(self, layers: tuple[int, int], slots: Sequence[int]) -> np.ndarray:
+        """Valid lengths of `slots` in layers [lo, hi): [hi-lo, B]. For one slot (every step at
+        batch size 1) a view [hi-lo] instead: no fancy-index copy, broadcastable the same way.
+        Read-only for callers; `set_lengths` / `rollback` write."""
         lo, hi = layers
         rows = slice(self._row(lo), self._row(hi - 1) + 1)
+        return self.lengths[rows, slots[0]] if len(slots) == 1 else self.lengths[rows, list(slots)]
+
+    def set_lengths(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
+        """Set the valid length of `slots` in layers [lo, hi) (used after a forward appended)."""
+        if len(slots) == 1:  # plain ints and a view: this runs after every forward at batch size 1
+            new = int(lengths[0])
+            if not 0 <= new <= self.capacity:
+                raise ValueError(f"lengths {[new]} outside [0, {self.capacity}]")
+            self.span(layers, slots)[...] = new
+            return
         new = np.asarray(lengths, dtype=np.int64)
         if new.size and (new.min() < 0 or new.max() > self.capacity):
             raise ValueError(f"lengths {new.tolist()} outside [0, {self.capacity}]")
-        self.lengths[rows, list(slots)] = new
+        lo, hi = layers
+        self.lengths[self._row(lo) : self._row(hi - 1) + 1, list(slots)] = new
 
     def rollback(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Move the valid length of `slots` in layers [lo, hi) back to `lengths` (no copy)."""
-        lo, hi = layers
-        rows = slice(self._row(lo), self._row(hi - 1) + 1)
-        if len(slots) == 1:  # the engine's case: one sequence, a view of its lengths, no fancy indexing
-            current, new = self.lengths[rows, slots[0]], int(lengths[0])
-            if new < 0 or (new > current).any():
-                raise ValueError(f"rollback cannot extend: {[new]} > {current.tolist()}")
-            current[...] = new
-            return
-        new = np.asarray(lengths, dtype=np.int64)
-        current = self.lengths[rows, list(slots)]
-        if (new > current).any():
-            raise ValueError(f"rollback cannot extend: {new.tolist()} > {current.tolist()}")
+        current = self.span(layers, slots)
+        if (np.asarray(lengths) > current).any():
+            raise ValueError(f"rollback cannot extend: {list(lengths)} > {current.tolist()}")
         self.set_lengths(layers, slots, lengths)
 
     def release(self, slots: Sequence[int]) -> None:

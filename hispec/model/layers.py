@@ -1,7 +1,8 @@
 """One Llama decoder layer with fused projections (qkv in one matmul, gate+up in one).
 
-`csrc/layer_stack.cpp` runs the same forward op for op in C++: change both together (a test
-asserts they agree bit for bit).
+`csrc/layer_stack.cpp` runs the same forward in C++: change both together
+(tests/unit/test_native_layers.py asserts they agree: to fp32 rounding in fp32, where the C++ side
+uses one-pass kernels, and bit for bit in fp64).
 
 Fusing cuts the kernels per layer in a decode step, which is what a small-batch decode on a
 CPU (or a small GPU batch) pays for; the math is exactly Llama's.

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hispec.config import ModelConfig
@@ -52,9 +53,8 @@ class EarlyExitModel(nn.Module):
         )
         self._ordered_layers = list(self.layers.values())  # plain list: no dict lookups per step
         self._rotary: RotaryTable | None = None
-        # The C++ layer loop and exit head, when use_native_layers() turned them on.
-        self._native = self._native_head = None
-        self._limited_heads: dict = {}  # vocab_limit -> head over tokens [0, vocab_limit)
+        self._native = None  # the C++ layer loop, when use_native_layers() turned it on
+        self._native_heads: dict = {}  # tokens scored -> C++ exit head, made on first use
 
     # ---- set-up --------------------------------------------------------------------------
     @property
@@ -104,19 +104,14 @@ class EarlyExitModel(nn.Module):
         first, last = self.layer_range
         if not first <= lo < hi <= last:
             raise ValueError(f"layers [{lo}, {hi}) are not owned by this model part {self.layer_range}")
-        rows = slice(lo - cache.layer_lo, hi - cache.layer_lo)
-        # [hi-lo, B] host lengths; one sequence: a view, no fancy-index copy
-        held = cache.lengths[rows, step.slots[0]] if step.batch_size == 1 else cache.lengths[rows, list(step.slots)]
+        held = cache.span((lo, hi), step.slots)  # host lengths
         if not (held == step.starts).all():
             raise ValueError(
                 f"cache lengths {held.tolist()} of layers [{lo}, {hi}) do not match the step's starts "
                 f"{step.starts.tolist()}: roll back or advance the layers first"
             )
         hidden = self._run_layers(hidden, step, cache, lo - first, hi - first)
-        if step.batch_size == 1:
-            held[...] = step.ends[0]  # `held` is a view of the cache's lengths; the plan checked the capacity
-        else:
-            cache.set_lengths((lo, hi), step.slots, step.ends)
+        cache.set_lengths((lo, hi), step.slots, step.ends)
         return hidden
 
     def _run_layers(self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int) -> torch.Tensor:
@@ -147,8 +142,8 @@ class EarlyExitModel(nn.Module):
         The stack holds references to the current parameters; `.to()` and
         `store_projections_input_major()` rebind it. Returns whether it is on (False when the
         extension cannot be built: the Python loop then runs)."""
-        self._native = self._native_head = None
-        self._limited_heads = {}  # rebuilt on use, with or without the C++ head
+        self._native = None
+        self._native_heads = {}  # they hold the current parameters: rebuilt on use
         if not enabled:
             return False
         module = layer_stack_module()
@@ -159,24 +154,15 @@ class EarlyExitModel(nn.Module):
             [layer.parameter_list() for layer in self._ordered_layers],
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
         )
-        if self.lm_head is not None:
-            self._native_head = module.ExitHead(self.norm, self.lm_head.weight, cfg.rms_norm_eps)
         return True
 
-    def _limited_head(self, vocab_limit: int):
-        """hidden [..., d] -> logits of tokens [0, vocab_limit), made once per limit."""
-        head = self._limited_heads.get(vocab_limit)
+    def _native_head(self, tokens: int):
+        """The C++ exit head over tokens [0, tokens) (final norm + the first `tokens` rows of the
+        LM head, a view), made once per size."""
+        head = self._native_heads.get(tokens)
         if head is None:
-            if not 0 < vocab_limit <= self.config.vocab_size:
-                raise ValueError(f"vocab_limit must be in [1, {self.config.vocab_size}], got {vocab_limit}")
-            weight = self.lm_head.weight[:vocab_limit]  # [n, d], a view of the head's rows
-            module = layer_stack_module() if self._native_head is not None else None
-            if module is not None:
-                head = module.ExitHead(self.norm, weight, self.config.rms_norm_eps).forward
-            else:
-                eps = self.config.rms_norm_eps
-                head = lambda hidden: torch.nn.functional.linear(rms_norm(hidden, self.norm, eps), weight)  # noqa: E731
-            self._limited_heads[vocab_limit] = head
+            head = layer_stack_module().ExitHead(self.norm, self.lm_head.weight[:tokens], self.config.rms_norm_eps)
+            self._native_heads[tokens] = head
         return head
 
     @property
@@ -186,7 +172,7 @@ class EarlyExitModel(nn.Module):
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         self._rotary = None  # the dtype or device may have changed
-        self._limited_heads = {}
+        self._native_heads = {}
         if self._native is not None:  # parameters may be new tensors now
             self.use_native_layers()
         return module
@@ -230,11 +216,13 @@ class EarlyExitModel(nn.Module):
         and a head that fits the CPU's L2 costs a fraction of the full one."""
         if self.lm_head is None or self.norm is None:
             raise RuntimeError("this model part was loaded without the exit head")
-        if vocab_limit is not None and vocab_limit < self.config.vocab_size:
-            return self._limited_head(vocab_limit)(hidden)
-        if self._native_head is not None:
-            return self._native_head.forward(hidden)
-        return self.lm_head(rms_norm(hidden, self.norm, self.config.rms_norm_eps))
+        vocab = self.config.vocab_size
+        if vocab_limit is not None and vocab_limit < 1:
+            raise ValueError(f"vocab_limit must be in [1, {vocab}], got {vocab_limit}")
+        tokens = vocab if vocab_limit is None else min(vocab_limit, vocab)  # at least the vocabulary: all of it
+        if self._native is not None:
+            return self._native_head(tokens).forward(hidden)
+        return F.linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head.weight[:tokens])
 
     def causal_hidden_states(self, token_ids: torch.Tensor, exits: Sequence[int]) -> list[torch.Tensor]:
         """Cache-free forward over whole sequences [B, T] from position 0 (training, scoring).

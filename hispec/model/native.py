@@ -1,7 +1,7 @@
 """The C++ layer stack (csrc/layer_stack.cpp), built on first use with torch's JIT extension
 builder and cached on disk (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions).
 
-The first build takes about 30 s on a 2-core CPU (a file lock keeps concurrent processes from
+The first build takes about 40 s on a 2-core CPU (a file lock keeps concurrent processes from
 building twice); later loads take milliseconds. Without a C++ compiler or ninja, or with
 `HISPEC_NATIVE=0`, `layer_stack_module()` returns None and the model keeps its Python layer loop,
 which computes the same thing.
@@ -52,7 +52,7 @@ def layer_stack_module() -> ModuleType | None:
                 name=_versioned_name(),
                 sources=[str(SOURCE)],
                 extra_cflags=["-O3", "-march=native"],
-                extra_include_paths=[str(SOURCE.parent)],
+                extra_include_paths=[str(CSRC)],
             )
         except Exception as exc:  # a broken toolchain must not take the runtime down
             log.warning("building the C++ layer stack failed, decoder layers run in Python: %s", exc)

@@ -46,7 +46,6 @@ class ForwardStep:
     def width(self) -> int:
         return self.write_pos.shape[1]
 
-
     def last_token_index(self) -> torch.Tensor:
         """[B] index along T of each sequence's last real token (to pick its logits)."""
         return torch.from_numpy(self.num_tokens - 1).to(self.write_pos.device)
@@ -64,9 +63,8 @@ def plan_step(
     Index arithmetic is done with numpy on the host (microseconds per op); tensors are made
     once at the end: this runs every step, and small-tensor dispatch would dominate it."""
     slots = tuple(int(s) for s in slots)
-    if len(slots) == 1:
-        count = num_tokens if isinstance(num_tokens, int) else int(np.asarray(num_tokens).reshape(-1)[0]) \
-            if len(num_tokens) == 1 else -1
+    if len(slots) == 1 and (isinstance(num_tokens, int) or len(num_tokens) == 1):
+        count = num_tokens if isinstance(num_tokens, int) else int(num_tokens[0])
         return _plan_one_sequence(cache, layer, slots[0], count, rotary)
     if not slots:
         raise ValueError("a step needs at least one sequence")

@@ -292,7 +292,8 @@ class SpecEngine:
         wanted = [(b, f) for b, f in enumerate(feeds) if f.wants_logits]
         sampled = [f for _, f in wanted if not f.seq.sampling.greedy]
         limit = self.draft_vocab if last < K and not sampled else None  # below the target, greedy only
-        self.forward_log[ForwardShape(hi - lo, len(feeds), T, sum(f.count for _, f in wanted), False, limit or 0)] += 1
+        head_rows = sum(f.count for _, f in wanted)
+        self.forward_log[ForwardShape(hi - lo, len(feeds), T, head_rows, head_vocab=limit or 0)] += 1
         if not wanted:
             return None
         if len(feeds) == 1:

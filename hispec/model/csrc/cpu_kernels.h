@@ -22,6 +22,13 @@ namespace hispec {
 
 using at::Tensor;
 
+#ifdef __AVX512F__
+// Lanes of a 16-wide vector step that hold data when `left` values remain.
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+#endif
+
 // x [..., d] fp32 -> x * rsqrt(mean(x^2) + eps) * weight, one pass per row.
 inline Tensor rms_norm_f32(const Tensor& x_in, const Tensor& weight, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm_f32 takes fp32");
@@ -38,14 +45,13 @@ inline Tensor rms_norm_f32(const Tensor& x_in, const Tensor& weight, double eps)
 #ifdef __AVX512F__
     __m512 acc = _mm512_setzero_ps();
     for (int64_t k = 0; k < d; k += 16) {
-      const __mmask16 mask = d - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (d - k)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(mask, xr + k);
+      const __m512 v = _mm512_maskz_loadu_ps(lanes(d - k), xr + k);
       acc = _mm512_fmadd_ps(v, v, acc);
     }
     const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(d) + static_cast<float>(eps));
     const __m512 scale = _mm512_set1_ps(inv);
     for (int64_t k = 0; k < d; k += 16) {
-      const __mmask16 mask = d - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (d - k)) - 1);
+      const __mmask16 mask = lanes(d - k);
       const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + k), scale);
       _mm512_mask_storeu_ps(orow + k, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, wp + k), v));
     }
