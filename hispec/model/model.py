@@ -54,7 +54,7 @@ class EarlyExitModel(nn.Module):
         self._ordered_layers = list(self.layers.values())  # plain list: no dict lookups per step
         self._rotary: RotaryTable | None = None
         self._native = None  # the C++ layer loop, when use_native_layers() turned it on
-        self._native_heads: dict = {}  # tokens scored -> C++ exit head, made on first use
+        self._native_exit_head = None  # the C++ exit head, made on first use
 
     # ---- set-up --------------------------------------------------------------------------
     @property
@@ -143,7 +143,7 @@ class EarlyExitModel(nn.Module):
         `store_projections_input_major()` rebind it. Returns whether it is on (False when the
         extension cannot be built: the Python loop then runs)."""
         self._native = None
-        self._native_heads = {}  # they hold the current parameters: rebuilt on use
+        self._native_exit_head = None  # it holds the current parameters: rebuilt on use
         if not enabled:
             return False
         module = layer_stack_module()
@@ -156,14 +156,12 @@ class EarlyExitModel(nn.Module):
         )
         return True
 
-    def _native_head(self, tokens: int):
-        """The C++ exit head over tokens [0, tokens) (final norm + the first `tokens` rows of the
-        LM head, a view), made once per size."""
-        head = self._native_heads.get(tokens)
-        if head is None:
-            head = layer_stack_module().ExitHead(self.norm, self.lm_head.weight[:tokens], self.config.rms_norm_eps)
-            self._native_heads[tokens] = head
-        return head
+    def _native_head(self):
+        """The C++ exit head (final norm + LM head; in fp32 on CPU a packed copy of the head),
+        made on first use."""
+        if self._native_exit_head is None:
+            self._native_exit_head = layer_stack_module().ExitHead(self.norm, self.lm_head.weight, self.config.rms_norm_eps)
+        return self._native_exit_head
 
     @property
     def native_layers(self) -> bool:
@@ -172,7 +170,7 @@ class EarlyExitModel(nn.Module):
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         self._rotary = None  # the dtype or device may have changed
-        self._native_heads = {}
+        self._native_exit_head = None
         if self._native is not None:  # parameters may be new tensors now
             self.use_native_layers()
         return module
@@ -221,7 +219,7 @@ class EarlyExitModel(nn.Module):
             raise ValueError(f"vocab_limit must be in [1, {vocab}], got {vocab_limit}")
         tokens = vocab if vocab_limit is None else min(vocab_limit, vocab)  # at least the vocabulary: all of it
         if self._native is not None:
-            return self._native_head(tokens).forward(hidden)
+            return self._native_head().forward(hidden, tokens)
         return F.linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head.weight[:tokens])
 
     def causal_hidden_states(self, token_ids: torch.Tensor, exits: Sequence[int]) -> list[torch.Tensor]:

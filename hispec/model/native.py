@@ -48,10 +48,14 @@ def layer_stack_module() -> ModuleType | None:
             return None
         try:
             # -march=native: the extension is built on the machine that runs it (AVX-512 here).
+            # -fopenmp: at::parallel_for splits work only when the caller is compiled with OpenMP
+            # (else it runs serially); libgomp resolves to the copy torch already loaded, so the
+            # kernels share torch's intra-op thread pool.
             return cpp_extension.load(
                 name=_versioned_name(),
                 sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
                 extra_include_paths=[str(CSRC)],
             )
         except Exception as exc:  # a broken toolchain must not take the runtime down

@@ -2,9 +2,11 @@
 // (DecoderLayer.forward), op for op, without the Python interpreter between ops: a decode step
 // runs ~25 small ops per layer, and at small batch on a CPU each costs more to dispatch from
 // Python (~5-10 us) than to compute. In fp32 on CPU the norms, rotary + cache write and
-// attention are the one-pass kernels of cpu_kernels.h, so results match the Python path to
-// fp32 rounding, not bit for bit; other dtypes and devices run the same ATen ops as layers.py.
-// Shapes follow layers.py: x [B, T, d], caches [slots, Hkv, capacity + 1, D].
+// attention are the one-pass kernels of cpu_kernels.h, and at up to kPackedRows rows (decode
+// steps, verification blocks) the projections are the packed GEMMs of packed_gemm.h, with the
+// residual adds and SiLU-mul in their epilogues and no ATen op between kernels; results match
+// the Python path to fp32 rounding, not bit for bit. Other dtypes and devices run the same ATen
+// ops as layers.py. Shapes follow layers.py: x [B, T, d], caches [slots, Hkv, capacity + 1, D].
 #include <torch/extension.h>
 
 #include <cmath>
@@ -12,11 +14,22 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "packed_gemm.h"
 
 using at::Tensor;
 using torch::indexing::Slice;
 
 namespace {
+
+using hispec::Epilogue;
+using hispec::PackedLinear;
+
+// Rows (B x T) up to which fp32 CPU projections run packed; wider steps (prefill, large
+// batches) use MKL's GEMM, which is faster once the weights are reused by many rows.
+constexpr int64_t kPackedRows = 16;
+
+// Whether a weight can be packed: fp32 on CPU (the packed copy is made once, at construction).
+bool packable(const Tensor& w) { return w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2; }
 
 // A linear layer; the residual, when given, is added inside the GEMM (addmm's beta = 1).
 struct Linear {
@@ -41,6 +54,10 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
 struct Layer {
   Tensor input_norm, post_norm;
   Linear qkv, o, gate_up, down;
+  // The same projections packed (fp32 CPU weights without biases; else undefined).
+  PackedLinear qkv_p, o_p, gate_up_p, down_p;
+
+  bool packed() const { return qkv_p.defined(); }
 };
 
 // The per-step inputs every layer shares (hispec.model.step.ForwardStep, flattened).
@@ -64,7 +81,17 @@ class LayerStack {
       // [input_norm, qkv_w, qkv_b, o_w, o_b, post_norm, gate_up_w, gate_up_b, down_w, down_b]
       for (int i : {0, 1, 3, 5, 6, 8}) TORCH_CHECK(w[i].has_value(), "layer tensor ", i, " is required");
       auto linear = [&](int i) { return Linear{*w[i], w[i + 1]}; };
-      layers_.push_back(Layer{*w[0], *w[5], linear(1), linear(3), linear(6), linear(8)});
+      Layer layer{*w[0], *w[5], linear(1), linear(3), linear(6), linear(8)};
+      bool can_pack = true;
+      for (int i : {0, 5}) can_pack = can_pack && w[i]->device().is_cpu() && w[i]->scalar_type() == at::kFloat && w[i]->is_contiguous();
+      for (int i : {1, 3, 6, 8}) can_pack = can_pack && packable(*w[i]) && !(w[i + 1].has_value() && w[i + 1]->defined());
+      if (can_pack) {
+        layer.qkv_p = PackedLinear::pack(*w[1], false);
+        layer.o_p = PackedLinear::pack(*w[3], false);
+        layer.gate_up_p = PackedLinear::pack(*w[6], true);
+        layer.down_p = PackedLinear::pack(*w[8], false);
+      }
+      layers_.push_back(std::move(layer));
     }
   }
 
@@ -79,6 +106,7 @@ class LayerStack {
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == stop - start && keys.size() == values.size(),
                 "one key and one value cache per layer");
     const Step step{cos, sin, mask, read_slots, read_first, uniform_start, slot_index, write_pos, kv_len};
+    if (runs_packed(x, start, stop, keys, values)) return forward_packed(x, start, stop, keys, values, step);
     for (int64_t i = start; i < stop; ++i) {
       x = layer(layers_[i], x, step, keys[i - start], values[i - start]);
     }
@@ -86,6 +114,58 @@ class LayerStack {
   }
 
  private:
+  bool runs_packed(const Tensor& x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
+                   const std::vector<Tensor>& values) const {
+    if (!x.device().is_cpu() || x.scalar_type() != at::kFloat || x.size(0) * x.size(1) > kPackedRows) return false;
+    for (int64_t i = start; i < stop; ++i) {
+      const Tensor& k = keys[i - start];
+      const Tensor& v = values[i - start];
+      if (!layers_[i].packed() || !k.is_contiguous() || !v.is_contiguous() || k.scalar_type() != at::kFloat ||
+          v.scalar_type() != at::kFloat)
+        return false;
+    }
+    return true;
+  }
+
+  // fp32 on CPU at a few rows: every layer on raw pointers into one scratch allocation; the
+  // hidden state is updated in place in the returned tensor.
+  Tensor forward_packed(const Tensor& x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
+                        const std::vector<Tensor>& values, const Step& step) const {
+    const int64_t B = x.size(0), T = x.size(1), R = B * T, d = x.size(2);
+    const int64_t H = n_heads_, Hkv = n_kv_heads_, D = head_dim_;
+    const int64_t qkv_width = (H + 2 * Hkv) * D, inter = layers_[start].gate_up_p.out_features();
+    Tensor out = x.contiguous().clone();
+    Tensor scratch = at::empty({R * (2 * d + qkv_width + 2 * H * D + inter)}, x.options());
+    float* normed = scratch.data_ptr<float>();  // [R, d]
+    float* qkv = normed + R * d;                 // [R, (H + 2 Hkv) D]
+    float* q = qkv + R * qkv_width;              // [R, H D] rotated queries
+    float* attn = q + R * H * D;                 // [R, H D]
+    float* h = attn + R * H * D;                 // [R, d] after attention + residual
+    float* act = h + R * d;                      // [R, inter] silu(gate) * up
+    const Tensor cos = step.cos.contiguous(), sin = step.sin.contiguous();
+    const Tensor slots = step.slot_index.contiguous(), write_pos = step.write_pos.contiguous();
+    const Tensor mask = step.mask.has_value() ? step.mask->contiguous() : Tensor();
+    const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    const hispec::StepShape shape{B, T, H, Hkv, D, keys[0].size(2), slots.data_ptr<int64_t>(),
+                                  write_pos.data_ptr<int64_t>()};
+    const float eps = static_cast<float>(eps_);
+    float* hidden = out.data_ptr<float>();
+    for (int64_t i = start; i < stop; ++i) {
+      const Layer& w = layers_[i];
+      float* kc = keys[i - start].data_ptr<float>();
+      float* vc = values[i - start].data_ptr<float>();
+      hispec::rms_norm_rows(hidden, w.input_norm.data_ptr<float>(), normed, R, d, eps);
+      w.qkv_p.run(normed, R, qkv, qkv_width, Epilogue::kStore);
+      hispec::rope_and_store_into(shape, qkv, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, vc, q);
+      hispec::attention_into(shape, q, kc, vc, step.kv_len, mask_ptr, attn);
+      w.o_p.run(attn, R, h, d, Epilogue::kAddResidual, hidden);
+      hispec::rms_norm_rows(h, w.post_norm.data_ptr<float>(), normed, R, d, eps);
+      w.gate_up_p.run(normed, R, act, inter, Epilogue::kSiluMul);
+      w.down_p.run(act, R, hidden, d, Epilogue::kAddResidual, h);
+    }
+    return out;
+  }
+
   Tensor layer(const Layer& w, const Tensor& x, const Step& step, Tensor keys_cache, Tensor values_cache) const {
     if (x.device().is_cpu() && x.scalar_type() == at::kFloat && keys_cache.is_contiguous() &&
         values_cache.is_contiguous()) {
@@ -161,16 +241,32 @@ class LayerStack {
   double eps_;
 };
 
-// The exit head (final norm + LM head) with the layers' norm kernel.
+// The exit head (final norm + LM head) with the layers' kernels; forward(hidden, n) scores
+// tokens [0, n) only (n < 0: all), a prefix of the head's rows.
 class ExitHead {
  public:
-  ExitHead(Tensor norm, Tensor weight, double eps) : norm_(norm), head_{weight, std::nullopt}, eps_(eps) {}
-  Tensor forward(const Tensor& hidden) const { return head_(rms_norm(hidden, norm_, eps_)); }
+  ExitHead(Tensor norm, Tensor weight, double eps) : norm_(norm), weight_(weight), eps_(eps) {
+    if (packable(weight) && norm.scalar_type() == at::kFloat) packed_ = PackedLinear::pack(weight, false);
+  }
+
+  Tensor forward(const Tensor& hidden, int64_t vocab_limit) const {
+    const int64_t vocab = weight_.size(0), n = vocab_limit < 0 ? vocab : std::min(vocab_limit, vocab);
+    const int64_t d = hidden.size(-1), rows = hidden.numel() / d;
+    if (packed_.defined() && hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && rows <= kPackedRows) {
+      Tensor normed = hispec::rms_norm_f32(hidden, norm_, eps_);
+      std::vector<int64_t> shape(hidden.sizes().begin(), hidden.sizes().end());
+      shape.back() = n;
+      Tensor logits = at::empty(shape, hidden.options());
+      packed_.run(normed.data_ptr<float>(), rows, logits.data_ptr<float>(), n, Epilogue::kStore, nullptr, n);
+      return logits;
+    }
+    return at::linear(rms_norm(hidden, norm_, eps_), weight_.slice(0, 0, n));
+  }
 
  private:
-  Tensor norm_;
-  Linear head_;
+  Tensor norm_, weight_;
   double eps_;
+  PackedLinear packed_;
 };
 
 }  // namespace
@@ -181,7 +277,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &hispec::attention);
   pybind11::class_<ExitHead>(m, "ExitHead")
       .def(pybind11::init<Tensor, Tensor, double>())
-      .def("forward", &ExitHead::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("forward", &ExitHead::forward, pybind11::arg("hidden"), pybind11::arg("vocab_limit") = -1,
+           pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<LayerStack>(m, "LayerStack")
       .def(pybind11::init<std::vector<std::vector<std::optional<Tensor>>>, int64_t, int64_t, int64_t, double>())
       .def("__len__", &LayerStack::size)
