@@ -47,7 +47,7 @@ class CostTable:
     def recording(self, model: EarlyExitModel) -> Iterator["CostTable"]:
         """Time `model`'s plan / forward_layers / exit_logits calls (all on the host: CPU ops are
         synchronous; on a GPU this would need a synchronize per call) while the block runs."""
-        plan, forward_layers, exit_logits = model.plan, model.forward_layers, model.exit_logits
+        plan, forward_layers, exit_logits, exit_head = model.plan, model.forward_layers, model.exit_logits, model.exit_head
 
         def key(step):
             return (step.batch_size, step.width, bool(step.starts.max() == 0))  # all at position 0: a prefill
@@ -64,18 +64,21 @@ class CostTable:
             self.forward_samples[(hi - lo, *key(step))].append(time.perf_counter() - started)
             return out
 
-        def timed_head(hidden, vocab_limit=None):
-            started = time.perf_counter()
-            logits = exit_logits(hidden, vocab_limit)
-            rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[-2]
-            self.head_samples[(rows, vocab_limit or 0)].append(time.perf_counter() - started)
-            return logits
+        def timed(head):
+            def timed_head(hidden, vocab_limit=None):
+                started = time.perf_counter()
+                out = head(hidden, vocab_limit)
+                rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[-2]
+                self.head_samples[(rows, vocab_limit or 0)].append(time.perf_counter() - started)
+                return out
+            return timed_head
 
-        model.plan, model.forward_layers, model.exit_logits = timed_plan, timed_forward, timed_head
+        model.plan, model.forward_layers = timed_plan, timed_forward
+        model.exit_logits, model.exit_head = timed(exit_logits), timed(exit_head)
         try:
             yield self
         finally:
-            del model.plan, model.forward_layers, model.exit_logits  # back to the class methods
+            del model.plan, model.forward_layers, model.exit_logits, model.exit_head  # back to the class methods
 
     def forward_seconds(self, shape: ForwardShape) -> float:
         key = (shape.layers, shape.batch, shape.tokens, shape.prefill)

@@ -34,9 +34,20 @@ class ForwardStep:
     uniform_columns: slice | None
     positions: torch.Tensor  # [B, T] device: token positions (padding clamped in range)
     kv_len: int  # keys [0, kv_len) are read; max over the batch of starts + num_tokens
-    mask: torch.Tensor | None  # [B, 1, T, kv_len] bool (True = attend); None when not needed
+    # Whether some query may not see every key [0, kv_len): several tokens per sequence, or a
+    # ragged batch. Query (b, t) sees keys j <= positions[b, t] (the C++ kernels read that rule
+    # from `positions`; the Python layers take `mask`, built on first use).
+    masked: bool
     cos: torch.Tensor  # [B, T, 1, head_dim]
     sin: torch.Tensor  # [B, T, 1, head_dim]
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor | None:
+        """[B, 1, T, kv_len] bool (True = attend), or None when every query sees every key."""
+        if not self.masked:
+            return None
+        keys = torch.arange(self.kv_len, device=self.positions.device)
+        return keys.view(1, 1, 1, -1) <= self.positions[:, None, :, None]
 
     @property
     def batch_size(self) -> int:
@@ -91,10 +102,6 @@ def plan_step(
     positions = np.minimum(raw_pos, cache.capacity - 1)
 
     ragged = bool((starts != starts[0]).any() or (counts != width).any())
-    mask = None
-    if width > 1 or ragged:
-        key_pos = np.arange(kv_len, dtype=np.int64)
-        mask = torch.from_numpy(key_pos[None, None, None, :] <= positions[:, None, :, None]).to(device)
 
     first = slots[0]
     contiguous = slots == tuple(range(first, first + len(slots)))
@@ -114,7 +121,7 @@ def plan_step(
         uniform_columns=slice(start, start + width) if uniform else None,
         positions=positions_tensor.to(device),
         kv_len=kv_len,
-        mask=mask,
+        masked=width > 1 or ragged,
         cos=cos,
         sin=sin,
     )
@@ -124,6 +131,12 @@ def plan_step(
 def _slot_tensor(slot: int, device: torch.device) -> torch.Tensor:
     """[1, 1] int64 slot index, made once per slot (read-only)."""
     return torch.tensor([[slot]], device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _position_table(capacity: int, device: torch.device) -> torch.Tensor:
+    """[capacity] int64 positions 0..capacity-1, made once (read-only): a step's positions are a view."""
+    return torch.arange(capacity, device=device)
 
 
 def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary: RotaryTable) -> ForwardStep:
@@ -137,10 +150,7 @@ def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary
     if end > cache.capacity:
         raise ValueError(f"context length limit: sequences would reach {[end]} tokens, cache holds {cache.capacity}")
     device = cache.keys[0].device
-    positions = torch.arange(start, end, device=device).view(1, count)  # < capacity: no clamping
-    mask = None
-    if count > 1:  # key j is visible to the query at position p when j <= p
-        mask = (torch.arange(end, device=device).view(1, 1, 1, end) <= positions.view(1, 1, count, 1))
+    positions = _position_table(cache.capacity, device)[start:end].view(1, count)  # < capacity: no clamping
     cos, sin = rotary.rows(start, end)
     return ForwardStep(
         slots=(slot,),
@@ -153,7 +163,7 @@ def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary
         uniform_columns=slice(start, end),
         positions=positions,
         kv_len=end,
-        mask=mask,
+        masked=count > 1,
         cos=cos,
         sin=sin,
     )

@@ -112,6 +112,8 @@ def test_attention_kernel_matches_sdpa(heads, kv_heads, T):
         enable_gqa=heads != kv_heads,
     ).transpose(1, 2).reshape(B, T, heads * D)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The causal rule from positions (how the layer stack masks) is the same mask.
+    torch.testing.assert_close(module.attention(q, keys, values, slots, kv_len, None, kv_heads, positions), got)
     if T == 1:  # no mask: every key up to kv_len
         unmasked = module.attention(q, keys, values, slots, kv_len, None, kv_heads)
         torch.testing.assert_close(unmasked, module.attention(q, keys, values, slots, kv_len, torch.ones_like(mask), kv_heads))

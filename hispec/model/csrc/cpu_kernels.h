@@ -120,6 +120,31 @@ inline Tensor rope_and_store(const Tensor& qkv_in, const Tensor& cos_in, const T
   return q;
 }
 
+// Index of the first maximum of x [n] (NaN compares false: skipped, unlike torch).
+inline int64_t argmax_f32(const float* x, int64_t n) {
+  int64_t best = 0;
+  float top = n ? x[0] : 0.f;
+#ifdef __AVX512F__
+  // Vector pass for the maximum value, then a scan for its first index.
+  if (n >= 16) {
+    __m512 m = _mm512_loadu_ps(x);
+    int64_t i = 16;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    top = _mm512_reduce_max_ps(m);
+    for (; i < n; ++i) top = std::max(top, x[i]);
+    for (int64_t j = 0; j < n; ++j)
+      if (x[j] == top) return j;
+  }
+#endif
+  for (int64_t j = 1; j < n; ++j) {
+    if (x[j] > top) {
+      top = x[j];
+      best = j;
+    }
+  }
+  return best;
+}
+
 inline float dot_f32(const float* a, const float* b, int64_t n) {
 #ifdef __AVX512F__
   __m512 acc = _mm512_setzero_ps();
@@ -135,12 +160,13 @@ inline float dot_f32(const float* a, const float* b, int64_t n) {
 #endif
 }
 
-// Attention of a step's queries q [B, T, H, D] to their cached keys [0, kv_len), those where
-// mask [B, T, kv_len] is true (nullptr: all of them). Query head h reads KV head h / (H / Hkv).
+// Attention of a step's queries q [B, T, H, D] to their cached keys [0, kv_len): key j is read by
+// query (b, t) when j <= positions[b, t] (causal; nullptr: no limit) and mask[b, t, j] is true
+// (nullptr: no mask). Query head h reads KV head h / (H / Hkv).
 // One work item is a (sequence, KV head): its T x (H / Hkv) queries share each key and value
 // row read. Writes out [B, T, H * D] (heads side by side: the o_proj input).
 inline void attention_into(const StepShape& s, const float* qp, const float* kp, const float* vp, int64_t kv_len,
-                           const bool* mp, float* op) {
+                           const int64_t* positions, const bool* mp, float* op) {
   const int64_t B = s.B, T = s.T, H = s.H, Hkv = s.Hkv, D = s.D, G = H / Hkv, cap1 = s.cap1, rows = T * G;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t grain = std::max<int64_t>(1, 131072 / std::max<int64_t>(rows * kv_len * D, 1));
@@ -152,12 +178,13 @@ inline void attention_into(const StepShape& s, const float* qp, const float* kp,
       const float* vbase = vp + (s.slot[b] * Hkv + kvh) * cap1 * D;
       for (int64_t t = 0; t < T; ++t) {
         const bool* allowed = mp ? mp + (b * T + t) * kv_len : nullptr;  // mask[b, t, :]
+        const int64_t visible = positions ? std::min(kv_len, positions[b * T + t] + 1) : kv_len;  // keys [0, visible)
         for (int64_t g = 0; g < G; ++g) {
           const float* qv = qp + ((b * T + t) * H + kvh * G + g) * D;
           float* pr = p.data() + (t * G + g) * kv_len;
           float top = -INFINITY;
           for (int64_t j = 0; j < kv_len; ++j) {
-            pr[j] = allowed && !allowed[j] ? -INFINITY : dot_f32(qv, kbase + j * D, D) * scale;
+            pr[j] = j >= visible || (allowed && !allowed[j]) ? -INFINITY : dot_f32(qv, kbase + j * D, D) * scale;
             top = std::max(top, pr[j]);
           }
           float total = 0.f;
@@ -189,7 +216,8 @@ inline void attention_into(const StepShape& s, const float* qp, const float* kp,
 // The Tensor form: q [B, T, H, D] contiguous; caches [slots, Hkv, capacity + 1, D]; slots [B];
 // mask [B, 1, T, kv_len] or none. Returns [B, T, H * D].
 inline Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& values, const Tensor& slots_in,
-                        int64_t kv_len, const std::optional<Tensor>& mask_in, int64_t Hkv) {
+                        int64_t kv_len, const std::optional<Tensor>& mask_in, int64_t Hkv,
+                        const std::optional<Tensor>& positions_in = std::nullopt) {
   TORCH_CHECK(q.is_contiguous() && keys.is_contiguous() && values.is_contiguous(), "attention takes contiguous tensors");
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
   const Tensor slots = slots_in.contiguous();
@@ -199,7 +227,9 @@ inline Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& value
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= slot[b] && slot[b] < keys.size(0), "attention: slot out of range");
   Tensor out = at::empty({B, T, H * D}, q.options());
   const StepShape shape{B, T, H, Hkv, D, keys.size(2), slot, nullptr};
+  const Tensor positions = positions_in.has_value() ? positions_in->contiguous() : Tensor();
   attention_into(shape, q.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), kv_len,
+                 positions.defined() ? positions.data_ptr<int64_t>() : nullptr,
                  mask.defined() ? mask.data_ptr<bool>() : nullptr, out.data_ptr<float>());
   return out;
 }

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -63,7 +64,8 @@ struct Layer {
 // The per-step inputs every layer shares (hispec.model.step.ForwardStep, flattened).
 struct Step {
   Tensor cos, sin;                 // [B, T, 1, D]
-  std::optional<Tensor> mask;      // [B, 1, T, kv_len] bool, or none
+  Tensor positions;                // [B, T] int64: query positions; key j is visible when j <= position
+  std::optional<Tensor> mask;      // [B, 1, T, kv_len] bool, made from positions when the ATen path needs one
   std::optional<Tensor> read_slots;  // [B] slot indices to gather, or none: slots are contiguous
   int64_t read_first;              // first slot when contiguous
   int64_t uniform_start;           // first cache column of a rectangular write, or -1: scatter
@@ -98,15 +100,20 @@ class LayerStack {
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
 
   // Layers [start, stop) of this stack; keys[i] / values[i] are the caches of layer start + i.
+  // masked: whether any query may not see every key [0, kv_len) (ForwardStep.masked).
   Tensor forward(Tensor x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
-                 const std::vector<Tensor>& values, Tensor cos, Tensor sin, std::optional<Tensor> mask,
+                 const std::vector<Tensor>& values, Tensor cos, Tensor sin, Tensor positions, bool masked,
                  std::optional<Tensor> read_slots, int64_t read_first, int64_t uniform_start, Tensor slot_index,
                  Tensor write_pos, int64_t kv_len) const {
     TORCH_CHECK(0 <= start && start < stop && stop <= size(), "layer range out of the stack");
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == stop - start && keys.size() == values.size(),
                 "one key and one value cache per layer");
-    const Step step{cos, sin, mask, read_slots, read_first, uniform_start, slot_index, write_pos, kv_len};
+    Step step{cos, sin, positions, std::nullopt, read_slots, read_first, uniform_start, slot_index, write_pos, kv_len};
     if (runs_packed(x, start, stop, keys, values)) return forward_packed(x, start, stop, keys, values, step);
+    if (masked) {  // ForwardStep.mask: key j visible to the query at position p when j <= p
+      step.mask = at::arange(kv_len, positions.options()).view({1, 1, 1, kv_len}) <=
+                  positions.view({positions.size(0), 1, positions.size(1), 1});
+    }
     for (int64_t i = start; i < stop; ++i) {
       x = layer(layers_[i], x, step, keys[i - start], values[i - start]);
     }
@@ -144,8 +151,7 @@ class LayerStack {
     float* act = h + R * d;                      // [R, inter] silu(gate) * up
     const Tensor cos = step.cos.contiguous(), sin = step.sin.contiguous();
     const Tensor slots = step.slot_index.contiguous(), write_pos = step.write_pos.contiguous();
-    const Tensor mask = step.mask.has_value() ? step.mask->contiguous() : Tensor();
-    const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    const Tensor positions = step.positions.contiguous();
     const hispec::StepShape shape{B, T, H, Hkv, D, keys[0].size(2), slots.data_ptr<int64_t>(),
                                   write_pos.data_ptr<int64_t>()};
     const float eps = static_cast<float>(eps_);
@@ -157,7 +163,7 @@ class LayerStack {
       hispec::rms_norm_rows(hidden, w.input_norm.data_ptr<float>(), normed, R, d, eps);
       w.qkv_p.run(normed, R, qkv, qkv_width, Epilogue::kStore);
       hispec::rope_and_store_into(shape, qkv, cos.data_ptr<float>(), sin.data_ptr<float>(), kc, vc, q);
-      hispec::attention_into(shape, q, kc, vc, step.kv_len, mask_ptr, attn);
+      hispec::attention_into(shape, q, kc, vc, step.kv_len, positions.data_ptr<int64_t>(), nullptr, attn);
       w.o_p.run(attn, R, h, d, Epilogue::kAddResidual, hidden);
       hispec::rms_norm_rows(h, w.post_norm.data_ptr<float>(), normed, R, d, eps);
       w.gate_up_p.run(normed, R, act, inter, Epilogue::kSiluMul);
@@ -181,7 +187,8 @@ class LayerStack {
     Tensor qkv = w.qkv(hispec::rms_norm_f32(x, w.input_norm, eps_));
     Tensor q = hispec::rope_and_store(qkv, step.cos, step.sin, keys_cache, values_cache, slots, step.write_pos,
                                       n_heads_, n_kv_heads_, head_dim_);
-    Tensor attn = hispec::attention(q, keys_cache, values_cache, slots, step.kv_len, step.mask, n_kv_heads_);
+    Tensor attn = hispec::attention(q, keys_cache, values_cache, slots, step.kv_len, std::nullopt, n_kv_heads_,
+                                    step.positions);
     Tensor h = w.o(attn, x);
     auto gate_up = w.gate_up(hispec::rms_norm_f32(h, w.post_norm, eps_)).chunk(2, -1);
     return w.down(at::silu(gate_up[0]) * gate_up[1], h);
@@ -263,6 +270,22 @@ class ExitHead {
     return at::linear(rms_norm(hidden, norm_, eps_), weight_.slice(0, 0, n));
   }
 
+  // The logits [rows, n] of hidden [rows, d] and each row's argmax (the first maximum, as torch and
+  // numpy pick), read on the host: the greedy decision without another pass from Python.
+  std::tuple<Tensor, std::vector<int64_t>> forward_argmax(const Tensor& hidden, int64_t vocab_limit) const {
+    Tensor logits = forward(hidden, vocab_limit);
+    const int64_t n = logits.size(-1), rows = logits.numel() / std::max<int64_t>(n, 1);
+    std::vector<int64_t> best(rows, 0);
+    if (logits.device().is_cpu() && logits.scalar_type() == at::kFloat && logits.is_contiguous()) {
+      const float* lp = logits.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) best[r] = hispec::argmax_f32(lp + r * n, n);
+    } else {
+      const Tensor top = logits.reshape({rows, n}).argmax(-1).cpu();  // host sync
+      std::memcpy(best.data(), top.data_ptr<int64_t>(), rows * sizeof(int64_t));
+    }
+    return {logits, best};
+  }
+
  private:
   Tensor norm_, weight_;
   double eps_;
@@ -274,10 +297,14 @@ class ExitHead {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels on their own, for tests and benchmarks.
   m.def("rms_norm_f32", &hispec::rms_norm_f32);
-  m.def("attention", &hispec::attention);
+  m.def("attention", &hispec::attention, pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("values"),
+        pybind11::arg("slots"), pybind11::arg("kv_len"), pybind11::arg("mask"), pybind11::arg("n_kv_heads"),
+        pybind11::arg("positions") = std::nullopt);
   pybind11::class_<ExitHead>(m, "ExitHead")
       .def(pybind11::init<Tensor, Tensor, double>())
       .def("forward", &ExitHead::forward, pybind11::arg("hidden"), pybind11::arg("vocab_limit") = -1,
+           pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("forward_argmax", &ExitHead::forward_argmax, pybind11::arg("hidden"), pybind11::arg("vocab_limit") = -1,
            pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<LayerStack>(m, "LayerStack")
       .def(pybind11::init<std::vector<std::vector<std::optional<Tensor>>>, int64_t, int64_t, int64_t, double>())
