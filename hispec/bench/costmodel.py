@@ -50,26 +50,30 @@ class CostTable:
         plan, forward_layers, exit_logits, exit_head = model.plan, model.forward_layers, model.exit_logits, model.exit_head
 
         def key(step):
-            return (step.batch_size, step.width, bool(step.starts.max() == 0))  # all at position 0: a prefill
+            # A prefill is the only forward at position 0 (the engine never mixes it with decoding).
+            return (step.batch_size, step.width, int(step.starts[0]) == 0)
 
         def timed_plan(*args, **kwargs):
             started = time.perf_counter()
             step = plan(*args, **kwargs)
-            self.plan_samples[key(step)].append(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.plan_samples[key(step)].append(seconds)
             return step
 
         def timed_forward(hidden, step, cache, lo, hi):
             started = time.perf_counter()
             out = forward_layers(hidden, step, cache, lo, hi)
-            self.forward_samples[(hi - lo, *key(step))].append(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.forward_samples[(hi - lo, *key(step))].append(seconds)
             return out
 
         def timed(head):
             def timed_head(hidden, vocab_limit=None):
                 started = time.perf_counter()
                 out = head(hidden, vocab_limit)
+                seconds = time.perf_counter() - started
                 rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[-2]
-                self.head_samples[(rows, vocab_limit or 0)].append(time.perf_counter() - started)
+                self.head_samples[(rows, vocab_limit or 0)].append(seconds)
                 return out
             return timed_head
 

@@ -96,6 +96,12 @@ class KVCache:
     def rollback(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Move the valid length of `slots` in layers [lo, hi) back to `lengths` (no copy)."""
         current = self.span(layers, slots)
+        if len(slots) == 1:  # a view and a plain int: this runs after every rejection at batch size 1
+            new = int(lengths[0])
+            if new < 0 or new > current.min():
+                raise ValueError(f"rollback cannot extend or go below 0: {[new]} vs {current.tolist()}")
+            current[...] = new
+            return
         if (np.asarray(lengths) > current).any():
             raise ValueError(f"rollback cannot extend: {list(lengths)} > {current.tolist()}")
         self.set_lengths(layers, slots, lengths)
