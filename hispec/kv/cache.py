@@ -7,8 +7,10 @@ attended to (the causal mask stops at the query's position) and are overwritten 
 append. Each layer has its own lengths because, in speculative decoding, shallow layers run
 ahead of deep ones.
 
-Lengths are control metadata and live on the host as a numpy array: the scheduler reads them
-without a device sync, and each update costs a microsecond instead of a tensor op's dispatch.
+Lengths are control metadata and live on the host as Python ints, one list per slot: the
+scheduler reads them without a device sync, and the updates that follow every forward (one
+slot, a range of layers) are list slice assignments. Right after a forward has streamed the
+weights through the CPU caches, a numpy call on a small array costs ~10-20 us; these cost ~1.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class KVCache:
         shape = (num_slots, num_kv_heads, capacity + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
-        self.lengths = np.zeros((hi - lo, num_slots), dtype=np.int64)  # host
+        self._lengths = [[0] * (hi - lo) for _ in range(num_slots)]  # [slot][layer - layer_lo], host
 
     @property
     def scratch_index(self) -> int:
@@ -63,52 +65,51 @@ class KVCache:
             raise IndexError(f"layer {layer} is not in this cache's range [{self.layer_lo}, {self.layer_hi})")
         return layer - self.layer_lo
 
-    # ---- lengths -------------------------------------------------------------------------
-    def length(self, layer: int, slot: int) -> int:
-        return int(self.lengths[self._row(layer), slot])
-
-    def layer_lengths(self, layer: int) -> np.ndarray:
-        """[num_slots] valid lengths of one layer (a view; do not mutate)."""
-        return self.lengths[self._row(layer)]
-
-    def span(self, layers: tuple[int, int], slots: Sequence[int]) -> np.ndarray:
-        """Valid lengths of `slots` in layers [lo, hi): [hi-lo, B]. For one slot (every step at
-        batch size 1) a view [hi-lo] instead: no fancy-index copy, broadcastable the same way.
-        Read-only for callers; `set_lengths` / `rollback` write."""
+    def _rows(self, layers: tuple[int, int]) -> slice:
         lo, hi = layers
-        rows = slice(self._row(lo), self._row(hi - 1) + 1)
-        return self.lengths[rows, slots[0]] if len(slots) == 1 else self.lengths[rows, list(slots)]
+        return slice(self._row(lo), self._row(hi - 1) + 1)
+
+    # ---- lengths -------------------------------------------------------------------------
+    @property
+    def lengths(self) -> np.ndarray:
+        """[layers, num_slots] valid lengths (a copy, for inspection)."""
+        return np.array(self._lengths, dtype=np.int64).reshape(self.num_slots, -1).T.copy()
+
+    def length(self, layer: int, slot: int) -> int:
+        return self._lengths[slot][self._row(layer)]
+
+    def starts(self, layer: int, slots: Sequence[int]) -> np.ndarray:
+        """[B] valid lengths of `slots` in one layer."""
+        row = self._row(layer)
+        return np.array([self._lengths[s][row] for s in slots], dtype=np.int64)
+
+    def holds(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> bool:
+        """Whether every layer in [lo, hi) holds exactly lengths[b] tokens of slots[b]."""
+        rows = self._rows(layers)
+        width = rows.stop - rows.start
+        return all(self._lengths[s][rows].count(int(n)) == width for s, n in zip(slots, lengths, strict=True))
 
     def set_lengths(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Set the valid length of `slots` in layers [lo, hi) (used after a forward appended)."""
-        if len(slots) == 1:  # plain ints and a view: this runs after every forward at batch size 1
-            new = int(lengths[0])
-            if not 0 <= new <= self.capacity:
-                raise ValueError(f"lengths {[new]} outside [0, {self.capacity}]")
-            self.span(layers, slots)[...] = new
-            return
-        new = np.asarray(lengths, dtype=np.int64)
-        if new.size and (new.min() < 0 or new.max() > self.capacity):
-            raise ValueError(f"lengths {new.tolist()} outside [0, {self.capacity}]")
-        lo, hi = layers
-        self.lengths[self._row(lo) : self._row(hi - 1) + 1, list(slots)] = new
+        rows = self._rows(layers)
+        new = [int(n) for n in lengths]
+        if any(not 0 <= n <= self.capacity for n in new):
+            raise ValueError(f"lengths {new} outside [0, {self.capacity}]")
+        for slot, n in zip(slots, new, strict=True):
+            self._lengths[slot][rows] = [n] * (rows.stop - rows.start)
 
     def rollback(self, layers: tuple[int, int], slots: Sequence[int], lengths: Sequence[int]) -> None:
         """Move the valid length of `slots` in layers [lo, hi) back to `lengths` (no copy)."""
-        current = self.span(layers, slots)
-        if len(slots) == 1:  # a view and a plain int: this runs after every rejection at batch size 1
-            new = int(lengths[0])
-            if new < 0 or new > current.min():
-                raise ValueError(f"rollback cannot extend or go below 0: {[new]} vs {current.tolist()}")
-            current[...] = new
-            return
-        if (np.asarray(lengths) > current).any():
-            raise ValueError(f"rollback cannot extend: {list(lengths)} > {current.tolist()}")
+        rows = self._rows(layers)
+        for slot, n in zip(slots, lengths, strict=True):
+            if n > min(self._lengths[slot][rows]):
+                raise ValueError(f"rollback cannot extend: {list(lengths)} > {self._lengths[slot][rows]}")
         self.set_lengths(layers, slots, lengths)
 
     def release(self, slots: Sequence[int]) -> None:
         """Forget the sequences in `slots` (all layers): the slots can take new sequences."""
-        self.lengths[:, list(slots)] = 0
+        for slot in slots:
+            self._lengths[slot] = [0] * (self.layer_hi - self.layer_lo)
 
     # ---- tensors -------------------------------------------------------------------------
     def write(self, layer: int, step: "ForwardStep", k: torch.Tensor, v: torch.Tensor) -> None:
@@ -135,5 +136,5 @@ class KVCache:
     def slot_tensors(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Valid keys and values [n_kv_heads, length, head_dim] of one slot (for tests, transfer)."""
         row = self._row(layer)
-        n = int(self.lengths[row, slot])
+        n = self._lengths[slot][row]
         return self.keys[row][slot, :, :n], self.values[row][slot, :, :n]

@@ -115,10 +115,10 @@ class EarlyExitModel(nn.Module):
         first, last = self.layer_range
         if not first <= lo < hi <= last:
             raise ValueError(f"layers [{lo}, {hi}) are not owned by this model part {self.layer_range}")
-        held = cache.span((lo, hi), step.slots)  # host lengths
-        if not (held == step.starts).all():
+        if not cache.holds((lo, hi), step.slots, step.starts):
+            held = [[cache.length(layer, slot) for slot in step.slots] for layer in range(lo, hi)]
             raise ValueError(
-                f"cache lengths {held.tolist()} of layers [{lo}, {hi}) do not match the step's starts "
+                f"cache lengths {held} of layers [{lo}, {hi}) do not match the step's starts "
                 f"{step.starts.tolist()}: roll back or advance the layers first"
             )
         hidden = self._run_layers(hidden, step, cache, lo - first, hi - first)

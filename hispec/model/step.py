@@ -81,7 +81,7 @@ def plan_step(
         raise ValueError("a step needs at least one sequence")
     if len(set(slots)) != len(slots):
         raise ValueError(f"duplicate slots in a step: {slots}")
-    starts = cache.layer_lengths(layer)[list(slots)].copy()
+    starts = cache.starts(layer, slots)
     counts = np.full(len(slots), num_tokens, dtype=np.int64) if isinstance(num_tokens, int) \
         else np.asarray(num_tokens, dtype=np.int64)
     if counts.shape != starts.shape or (counts <= 0).any():
@@ -145,7 +145,7 @@ def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary
     Same fields as the general path builds for this case."""
     if count <= 0:
         raise ValueError(f"num_tokens must be one positive count per slot, got {count}")
-    start = int(cache.layer_lengths(layer)[slot])
+    start = cache.length(layer, slot)
     end = start + count
     if end > cache.capacity:
         raise ValueError(f"context length limit: sequences would reach {[end]} tokens, cache holds {cache.capacity}")

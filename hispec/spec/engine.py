@@ -266,7 +266,7 @@ class SpecEngine:
         """One ragged forward of levels first..last's layers over `feeds`; exit head on the rows asked for."""
         model, hierarchy = self.model, lane.hierarchy
         W, K = hierarchy.window, hierarchy.depth
-        lo, hi = hierarchy.layer_range(first)[0], hierarchy.layer_range(last)[1]
+        lo, hi = hierarchy.bounds[first], hierarchy.bounds[last + 1]
         slots = [f.seq.slot for f in feeds]
         step = model.plan(self.cache, slots, [f.count for f in feeds], layer=lo)
         T = step.width
@@ -368,7 +368,7 @@ class SpecEngine:
         for j in range(k + 1):
             seq.accepted[j] = new_len
             seq.fed[j] = new_len - 1
-        self.cache.rollback((0, seq.hierarchy.layer_range(k)[1]), [seq.slot], [new_len - 1])
+        self.cache.rollback((0, seq.hierarchy.bounds[k + 1]), [seq.slot], [new_len - 1])
 
     def _commit(self, seq: SequenceState) -> StepOutput:
         """Apply stop conditions to tokens the target just committed; finish if one holds."""

@@ -11,7 +11,7 @@ K = 0 is autoregressive decoding, K = 1 single-exit self-speculation (LayerSkip)
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 METHODS = ("ar", "layerskip", "hispec")
@@ -23,6 +23,9 @@ class Hierarchy:
     num_layers: int  # L: the target's depth
     exits: tuple[int, ...] = ()  # e_0 < ... < e_{K-1} < L, counted from 1 (exit e = after layer e)
     budgets: tuple[int, ...] = ()  # one per exit: budgets[k] tokens of level k trigger level k+1
+    # Derived once (the engine reads them every forward): layer bounds (0, e_0, ..., L) and `window`.
+    bounds: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    window: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exits", tuple(int(e) for e in self.exits))
@@ -36,6 +39,10 @@ class Hierarchy:
             raise ValueError(f"exits must be increasing and within [1, {self.num_layers - 1}], got {self.exits}")
         if any(n < 1 for n in self.budgets):
             raise ValueError(f"budgets must be >= 1, got {self.budgets}")
+        object.__setattr__(self, "bounds", bounds)
+        # An upper bound on the positions a level holds beyond the level above, plus slack: the
+        # size of the per-level ring buffers of hidden states and probability rows.
+        object.__setattr__(self, "window", sum(self.budgets) + 2)
 
     @property
     def depth(self) -> int:
@@ -48,14 +55,7 @@ class Hierarchy:
 
     def layer_range(self, level: int) -> tuple[int, int]:
         """Layers [lo, hi) that level `level` runs."""
-        bounds = (0, *self.exits, self.num_layers)
-        return bounds[level], bounds[level + 1]
-
-    @property
-    def window(self) -> int:
-        """An upper bound on the positions a level holds beyond the level above, plus slack:
-        the size of the per-level ring buffers of hidden states and probability rows."""
-        return sum(self.budgets) + 2
+        return self.bounds[level], self.bounds[level + 1]
 
     def describe(self) -> str:
         if not self.exits:
