@@ -55,6 +55,10 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(hi - lo)]
         self._lengths = [[0] * (hi - lo) for _ in range(num_slots)]  # [slot][layer - layer_lo], host
+        # Index tensors a one-sequence step plan slices (read-only): positions [1, capacity], and a
+        # [1, 1] index per slot. Made once: tensor creation costs more than the plan's arithmetic.
+        self.position_row = torch.arange(capacity, device=device)[None, :]
+        self._slot_indices = [torch.tensor([[slot]], device=device) for slot in range(num_slots)]
 
     @property
     def scratch_index(self) -> int:
@@ -68,6 +72,10 @@ class KVCache:
     def _rows(self, layers: tuple[int, int]) -> slice:
         lo, hi = layers
         return slice(self._row(lo), self._row(hi - 1) + 1)
+
+    def slot_index(self, slot: int) -> torch.Tensor:
+        """[1, 1] int64 index of `slot` (read-only)."""
+        return self._slot_indices[slot]
 
     # ---- lengths -------------------------------------------------------------------------
     @property

@@ -85,8 +85,9 @@ class EarlyExitModel(nn.Module):
     ) -> ForwardStep:
         """Plan a step that appends `num_tokens` to `slots` after the cache length of `layer`
         (default: the cache's first layer)."""
-        if self._rotary is None or self._rotary.inv_freq is not self.inv_freq:
-            self._rotary = RotaryTable(self.inv_freq, self.dtype)  # (re)built after loading; `_apply` drops it
+        inv_freq = self._buffers["inv_freq"]  # not `self.inv_freq`: nn.Module's attribute fallback, per step
+        if self._rotary is None or self._rotary.inv_freq is not inv_freq:
+            self._rotary = RotaryTable(inv_freq, self.dtype)  # (re)built after loading; `_apply` drops it
         return plan_step(cache, cache.layer_lo if layer is None else layer, slots, num_tokens, self._rotary)
 
     # ---- forward pieces ------------------------------------------------------------------
@@ -233,6 +234,9 @@ class EarlyExitModel(nn.Module):
         ties): the greedy decision of every row. The C++ head finds it while the logits are in
         cache; a separate pass from Python costs ~30 us per call after a forward has streamed
         the weights through the caches."""
+        head = self._native_exit_head
+        if head is not None:  # made (with the head's presence checked) on first use
+            return head.forward_argmax(hidden, -1 if vocab_limit is None else self._head_tokens(vocab_limit))
         tokens = self._head_tokens(vocab_limit)
         if self._native is not None:
             return self._native_head().forward_argmax(hidden, tokens)

@@ -77,8 +77,9 @@ class RotaryTable:
 
     def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, end - start, 1, head_dim] of positions start..end-1: views, no gather."""
-        self._grow(end)
-        return self.cos[start:end, None, :].unsqueeze(0), self.sin[start:end, None, :].unsqueeze(0)
+        if end > self.cos.shape[0]:
+            self._grow(end)
+        return self._cos4[:, start:end], self._sin4[:, start:end]
 
     def _grow(self, needed: int) -> None:
         if needed > self.cos.shape[0]:
@@ -86,3 +87,4 @@ class RotaryTable:
             rows = torch.arange(size, device=self.inv_freq.device)[None, :]
             cos, sin = rotary_cos_sin(rows, self.inv_freq, self.dtype)  # [1, size, 1, D]
             self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]
+            self._cos4, self._sin4 = cos, sin  # [1, size, 1, D]: a step's rows are one slice

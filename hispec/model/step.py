@@ -127,18 +127,6 @@ def plan_step(
     )
 
 
-@functools.lru_cache(maxsize=4096)
-def _slot_tensor(slot: int, device: torch.device) -> torch.Tensor:
-    """[1, 1] int64 slot index, made once per slot (read-only)."""
-    return torch.tensor([[slot]], device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _position_table(capacity: int, device: torch.device) -> torch.Tensor:
-    """[capacity] int64 positions 0..capacity-1, made once (read-only): a step's positions are a view."""
-    return torch.arange(capacity, device=device)
-
-
 def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary: RotaryTable) -> ForwardStep:
     """`plan_step` for one sequence (every step at batch size 1): one block of `count` tokens
     at the positions after its cache length, in Python ints; cos/sin are views of the table.
@@ -149,15 +137,14 @@ def _plan_one_sequence(cache: KVCache, layer: int, slot: int, count: int, rotary
     end = start + count
     if end > cache.capacity:
         raise ValueError(f"context length limit: sequences would reach {[end]} tokens, cache holds {cache.capacity}")
-    device = cache.keys[0].device
-    positions = _position_table(cache.capacity, device)[start:end].view(1, count)  # < capacity: no clamping
+    positions = cache.position_row[:, start:end]  # [1, count], < capacity: no clamping
     cos, sin = rotary.rows(start, end)
     return ForwardStep(
         slots=(slot,),
         starts=np.array([start], dtype=np.int64),
         num_tokens=np.array([count], dtype=np.int64),
         ends=np.array([end], dtype=np.int64),
-        slot_index=_slot_tensor(slot, device),
+        slot_index=cache.slot_index(slot),
         slot_read=slice(slot, slot + 1),
         write_pos=positions,
         uniform_columns=slice(start, end),

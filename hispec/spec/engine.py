@@ -267,9 +267,9 @@ class SpecEngine:
         model, hierarchy = self.model, lane.hierarchy
         W, K = hierarchy.window, hierarchy.depth
         lo, hi = hierarchy.bounds[first], hierarchy.bounds[last + 1]
-        slots = [f.seq.slot for f in feeds]
-        step = model.plan(self.cache, slots, [f.count for f in feeds], layer=lo)
-        T = step.width
+        counts = [f.count for f in feeds]
+        step = model.plan(self.cache, [f.seq.slot for f in feeds], counts, layer=lo)
+        T = max(counts)  # step.width
         if step.starts.tolist() != [f.start for f in feeds]:
             raise RuntimeError(f"levels {first}..{last}: cache lengths {step.starts.tolist()} != planned starts")
         ring_columns = _ring_columns(feeds, T, W, self.device)  # [B, T] index, or a slice for one sequence
