@@ -125,3 +125,73 @@ def test_rms_norm_kernel_matches_torch():
     for d in (256, 64, 40):  # 40: a width that is not a multiple of the vector length
         x, w = torch.randn(3, 5, d, generator=g), torch.randn(d, generator=g)
         torch.testing.assert_close(module.rms_norm_f32(x, w, 1e-5), torch.nn.functional.rms_norm(x, (d,), w, 1e-5))
+
+
+# ---- packed small-row GEMMs (csrc/packed_gemm.h) -----------------------------------------------
+@pytest.mark.parametrize("bf16_weights", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16])
+@pytest.mark.parametrize("n, k", [(32, 16), (100, 40), (8, 256)])  # whole panels, a ragged last panel, N < 32
+def test_packed_linear_epilogues(bf16_weights, rows, n, k):
+    """x W^T, + residual, and silu(gate) * up, against torch; bf16-exact weights take the bf16
+    panels, others fp32 ones (same products either way)."""
+    module = layer_stack_module()
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w = torch.randn(2 * n, k, generator=g)
+    if bf16_weights:
+        w = w.bfloat16().float()
+    assert module.packed_is_bf16(w) == bf16_weights
+    x, residual = torch.randn(rows, k, generator=g), torch.randn(rows, 2 * n, generator=g)
+    torch.testing.assert_close(module.packed_linear(x, w, "store"), x @ w.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(module.packed_linear(x, w, "residual", residual), x @ w.T + residual, rtol=1e-4, atol=1e-4)
+    gate, up = (x @ w.T).chunk(2, -1)
+    torch.testing.assert_close(module.packed_linear(x, w, "silu_mul"), torch.nn.functional.silu(gate) * up,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_packed_rows_do_not_depend_on_the_batch():
+    """Each output sums over k in order in one accumulator: a row gets the same bits alone, with 7
+    others, or in the second pass of 16 rows."""
+    module = layer_stack_module()
+    g = torch.Generator().manual_seed(7)
+    w, x = torch.randn(96, 64, generator=g).bfloat16().float(), torch.randn(16, 64, generator=g)
+    together = module.packed_linear(x, w, "store")
+    for r in (0, 5, 12):
+        assert torch.equal(module.packed_linear(x[r : r + 1], w, "store"), together[r : r + 1])
+    assert torch.equal(module.packed_linear(x[8:], w, "store"), together[8:])
+
+
+def test_bf16_exact_checkpoint_runs_packed_and_matches_python(tmp_path):
+    """The bundled checkpoint's case: bf16 weights loaded in fp32 take the bf16 panels; decode
+    steps, verification blocks and a wide prefill (> 16 rows: MKL) match the Python loop."""
+    make_checkpoint(tmp_path, "tied-gqa", num_layers=3)
+    python, native = both_paths(tmp_path)
+    for model in (python, native):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+        model.use_native_layers(model is native)
+    assert layer_stack_module().packed_is_bf16(native.layers["0"].qkv_proj.weight)
+    prompt = torch.randint(3, python.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    caches = [m.new_cache(num_slots=1, capacity=64) for m in (python, native)]
+    for tokens in (prompt, prompt[:, :1], prompt[:, :5]):
+        outs = []
+        for model, cache in zip((python, native), caches):
+            step = model.plan(cache, [0], tokens.shape[1])
+            outs.append(model.forward_layers(model.embed(tokens), step, cache, 0, 3))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    assert greedy_generate(native, prompt[0].tolist(), 12) == greedy_generate(python, prompt[0].tolist(), 12)
+
+
+def test_exit_head_argmax_and_vocabulary_prefix(tmp_path):
+    """exit_head's argmax is the logits' first maximum; a vocabulary prefix is the full head's
+    first columns, bit for bit; wide inputs (> 16 rows) take the ATen head with the same result."""
+    make_checkpoint(tmp_path, "tied-gqa", num_layers=2)
+    python, native = both_paths(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, 4, 20):
+        hidden = torch.randn(rows, python.config.hidden_size, generator=g)
+        logits, best = native.exit_head(hidden)
+        assert best == logits.argmax(-1).tolist()
+        torch.testing.assert_close(logits, python.exit_logits(hidden), rtol=1e-5, atol=1e-5)
+        prefix, prefix_best = native.exit_head(hidden, 40)
+        assert torch.equal(prefix, logits[:, :40]) and prefix_best == prefix.argmax(-1).tolist()

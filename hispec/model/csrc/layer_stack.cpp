@@ -294,9 +294,32 @@ class ExitHead {
 
 }  // namespace
 
+// packed_gemm.h on its own (tests): pack w [N, K] (paired: [gate; up]) and run it on x [M, K].
+// epilogue: "store", "residual" (adds residual [M, N]) or "silu_mul" (paired).
+Tensor packed_linear(const Tensor& x_in, const Tensor& w, const std::string& epilogue, const std::optional<Tensor>& residual) {
+  const bool paired = epilogue == "silu_mul";
+  TORCH_CHECK(paired || epilogue == "store" || epilogue == "residual", "unknown epilogue ", epilogue);
+  const PackedLinear packed = PackedLinear::pack(w, paired);
+  const Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), N = packed.out_features();
+  Tensor out = at::empty({M, N}, x.options());
+  Tensor res;
+  if (epilogue == "residual") {
+    TORCH_CHECK(residual.has_value(), "the residual epilogue needs a residual");
+    res = residual->contiguous();
+  }
+  packed.run(x.data_ptr<float>(), M, out.data_ptr<float>(), N,
+             paired ? Epilogue::kSiluMul : res.defined() ? Epilogue::kAddResidual : Epilogue::kStore,
+             res.defined() ? res.data_ptr<float>() : nullptr);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels on their own, for tests and benchmarks.
   m.def("rms_norm_f32", &hispec::rms_norm_f32);
+  m.def("packed_linear", &packed_linear, pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("epilogue"),
+        pybind11::arg("residual") = std::nullopt);
+  m.def("packed_is_bf16", [](const Tensor& w) { return PackedLinear::pack(w, false).bf16(); });
   m.def("attention", &hispec::attention, pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("values"),
         pybind11::arg("slots"), pybind11::arg("kv_len"), pybind11::arg("mask"), pybind11::arg("n_kv_heads"),
         pybind11::arg("positions") = std::nullopt);
