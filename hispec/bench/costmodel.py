@@ -60,9 +60,9 @@ class CostTable:
             self.plan_samples[key(step)].append(seconds)
             return step
 
-        def timed_forward(hidden, step, cache, lo, hi):
+        def timed_forward(hidden, step, cache, lo, hi, out=None):
             started = time.perf_counter()
-            out = forward_layers(hidden, step, cache, lo, hi)
+            out = forward_layers(hidden, step, cache, lo, hi, out)
             seconds = time.perf_counter() - started
             self.forward_samples[(hi - lo, *key(step))].append(seconds)
             return out

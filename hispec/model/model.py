@@ -55,6 +55,7 @@ class EarlyExitModel(nn.Module):
         self._rotary: RotaryTable | None = None
         self._native = None  # the C++ layer loop, when use_native_layers() turned it on
         self._native_exit_head = None  # the C++ exit head, made on first use
+        self._embedding_rows: torch.Tensor | None = None  # embed_ids' view of the embedding, made on first use
 
     # ---- set-up --------------------------------------------------------------------------
     @property
@@ -100,19 +101,23 @@ class EarlyExitModel(nn.Module):
     def embed_ids(self, token_ids: list[list[int]]) -> torch.Tensor:
         """`embed` of [B][T] ids given as Python lists. One token (every draft step at batch size
         1) is a view of its embedding row: no index tensor, no gather."""
-        if self.embed_tokens is None:
-            raise RuntimeError("this model part was loaded without embeddings")
-        weight = self.embed_tokens.weight
-        if len(token_ids) == 1 and len(token_ids[0]) == 1 and 0 <= token_ids[0][0] < weight.shape[0]:
-            token = token_ids[0][0]
-            return weight[token : token + 1].view(1, 1, -1)
-        return self.embed(torch.tensor(token_ids, device=weight.device))
+        rows = self._embedding_rows
+        if rows is None:
+            if self.embed_tokens is None:
+                raise RuntimeError("this model part was loaded without embeddings")
+            weight = self.embed_tokens.weight
+            rows = self._embedding_rows = weight.view(weight.shape[0], 1, 1, weight.shape[1])  # [V, 1, 1, d]
+        if len(token_ids) == 1 and len(token_ids[0]) == 1 and 0 <= token_ids[0][0] < rows.shape[0]:
+            return rows[token_ids[0][0]]  # [1, 1, d], a view
+        return self.embed(torch.tensor(token_ids, device=rows.device))
 
     def forward_layers(
-        self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, lo: int, hi: int
+        self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, lo: int, hi: int,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run layers [lo, hi) on hidden [B, T, d] for `step`; append their K/V to `cache` and
-        advance those layers' lengths to `step.ends`."""
+        advance those layers' lengths to `step.ends`. `out` [B, T, d]: where the result is
+        written (and returned), e.g. a buffer the caller keeps; by default a new tensor."""
         first, last = self.layer_range
         if not first <= lo < hi <= last:
             raise ValueError(f"layers [{lo}, {hi}) are not owned by this model part {self.layer_range}")
@@ -122,18 +127,22 @@ class EarlyExitModel(nn.Module):
                 f"cache lengths {held} of layers [{lo}, {hi}) do not match the step's starts "
                 f"{step.starts.tolist()}: roll back or advance the layers first"
             )
-        hidden = self._run_layers(hidden, step, cache, lo - first, hi - first)
+        hidden = self._run_layers(hidden, step, cache, lo - first, hi - first, out)
         cache.set_lengths((lo, hi), step.slots, step.ends)
         return hidden
 
-    def _run_layers(self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int) -> torch.Tensor:
+    def _run_layers(
+        self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
         if self._native is not None:
-            return self._run_layers_native(hidden, step, cache, start, stop)
+            return self._run_layers_native(hidden, step, cache, start, stop, out)
         for layer in self._ordered_layers[start:stop]:
             hidden = layer(hidden, step, cache)
-        return hidden
+        return hidden if out is None else out.copy_(hidden)
 
-    def _run_layers_native(self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int) -> torch.Tensor:
+    def _run_layers_native(
+        self, hidden: torch.Tensor, step: ForwardStep, cache: KVCache, start: int, stop: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
         rows = slice(self.layer_range[0] + start - cache.layer_lo, self.layer_range[0] + stop - cache.layer_lo)
         contiguous = isinstance(step.slot_read, slice)
         return self._native.forward(
@@ -141,7 +150,7 @@ class EarlyExitModel(nn.Module):
             None if contiguous else step.slot_read,
             step.slot_read.start if contiguous else 0,
             -1 if step.uniform_columns is None else step.uniform_columns.start,
-            step.slot_index, step.write_pos, step.kv_len,
+            step.slot_index, step.write_pos, step.kv_len, out,
         )
 
     def use_native_layers(self, enabled: bool = True) -> bool:
@@ -183,6 +192,7 @@ class EarlyExitModel(nn.Module):
         module = super()._apply(fn, recurse)
         self._rotary = None  # the dtype or device may have changed
         self._native_exit_head = None
+        self._embedding_rows = None
         if self._native is not None:  # parameters may be new tensors now
             self.use_native_layers()
         return module

@@ -270,15 +270,17 @@ class SpecEngine:
         counts = [f.count for f in feeds]
         step = model.plan(self.cache, [f.seq.slot for f in feeds], counts, layer=lo)
         T = max(counts)  # step.width
-        if step.starts.tolist() != [f.start for f in feeds]:
-            raise RuntimeError(f"levels {first}..{last}: cache lengths {step.starts.tolist()} != planned starts")
+        # (forward_layers checks that the cache holds what the step starts from)
         ring_columns = _ring_columns(feeds, T, W, self.device)  # [B, T] index, or a slice for one sequence
         if first == 0:
             hidden = model.embed_ids([f.seq.tokens[f.start : f.start + f.count] + [0] * (T - f.count) for f in feeds])
         else:
             hidden = _ring_read(lane.hidden_rings[first - 1], step, ring_columns)  # [B, T, d]
-        hidden = model.forward_layers(hidden, step, self.cache, lo, hi)  # [B, T, d]
-        if last < K:
+        # One sequence's block of the next ring is a contiguous view: the layers write into it.
+        into_ring = last < K and isinstance(ring_columns, slice)
+        out = _ring_read(lane.hidden_rings[last], step, ring_columns) if into_ring else None
+        hidden = model.forward_layers(hidden, step, self.cache, lo, hi, out)  # [B, T, d]
+        if last < K and not into_ring:
             _ring_write(lane.hidden_rings[last], step, ring_columns, hidden)
         for f in feeds:
             for level in range(first, last + 1):

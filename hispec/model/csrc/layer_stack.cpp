@@ -101,15 +101,27 @@ class LayerStack {
 
   // Layers [start, stop) of this stack; keys[i] / values[i] are the caches of layer start + i.
   // masked: whether any query may not see every key [0, kv_len) (ForwardStep.masked).
+  // out: where the result goes (e.g. a view into the engine's hidden-state ring), or a new tensor.
   Tensor forward(Tensor x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
                  const std::vector<Tensor>& values, Tensor cos, Tensor sin, Tensor positions, bool masked,
                  std::optional<Tensor> read_slots, int64_t read_first, int64_t uniform_start, Tensor slot_index,
-                 Tensor write_pos, int64_t kv_len) const {
+                 Tensor write_pos, int64_t kv_len, std::optional<Tensor> out) const {
+    Tensor result = forward_new(x, start, stop, keys, values, cos, sin, positions, masked, read_slots, read_first,
+                                uniform_start, slot_index, write_pos, kv_len, out);
+    if (out.has_value() && !result.is_same(*out)) return out->copy_(result);
+    return result;
+  }
+
+ private:
+  Tensor forward_new(Tensor x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
+                     const std::vector<Tensor>& values, Tensor cos, Tensor sin, Tensor positions, bool masked,
+                     std::optional<Tensor> read_slots, int64_t read_first, int64_t uniform_start, Tensor slot_index,
+                     Tensor write_pos, int64_t kv_len, const std::optional<Tensor>& out) const {
     TORCH_CHECK(0 <= start && start < stop && stop <= size(), "layer range out of the stack");
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == stop - start && keys.size() == values.size(),
                 "one key and one value cache per layer");
     Step step{cos, sin, positions, std::nullopt, read_slots, read_first, uniform_start, slot_index, write_pos, kv_len};
-    if (runs_packed(x, start, stop, keys, values)) return forward_packed(x, start, stop, keys, values, step);
+    if (runs_packed(x, start, stop, keys, values)) return forward_packed(x, start, stop, keys, values, step, out);
     if (masked) {  // ForwardStep.mask: key j visible to the query at position p when j <= p
       step.mask = at::arange(kv_len, positions.options()).view({1, 1, 1, kv_len}) <=
                   positions.view({positions.size(0), 1, positions.size(1), 1});
@@ -120,7 +132,6 @@ class LayerStack {
     return x;
   }
 
- private:
   bool runs_packed(const Tensor& x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
                    const std::vector<Tensor>& values) const {
     if (!x.device().is_cpu() || x.scalar_type() != at::kFloat || x.size(0) * x.size(1) > kPackedRows) return false;
@@ -137,11 +148,15 @@ class LayerStack {
   // fp32 on CPU at a few rows: every layer on raw pointers into one scratch allocation; the
   // hidden state is updated in place in the returned tensor.
   Tensor forward_packed(const Tensor& x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
-                        const std::vector<Tensor>& values, const Step& step) const {
+                        const std::vector<Tensor>& values, const Step& step, const std::optional<Tensor>& dst) const {
     const int64_t B = x.size(0), T = x.size(1), R = B * T, d = x.size(2);
     const int64_t H = n_heads_, Hkv = n_kv_heads_, D = head_dim_;
     const int64_t qkv_width = (H + 2 * Hkv) * D, inter = layers_[start].gate_up_p.out_features();
-    Tensor out = x.contiguous().clone();
+    // The hidden state is updated in place: in `dst` when it can hold it (contiguous fp32, not
+    // the input), else in a copy of x.
+    const bool in_dst = dst.has_value() && dst->is_contiguous() && dst->scalar_type() == at::kFloat &&
+                        dst->sizes() == x.sizes() && !dst->is_same(x) && dst->data_ptr() != x.data_ptr();
+    Tensor out = in_dst ? dst->copy_(x) : x.contiguous().clone();
     Tensor scratch = at::empty({R * (2 * d + qkv_width + 2 * H * D + inter)}, x.options());
     float* normed = scratch.data_ptr<float>();  // [R, d]
     float* qkv = normed + R * d;                 // [R, (H + 2 Hkv) D]
