@@ -240,8 +240,8 @@ class EarlyExitModel(nn.Module):
         return self._python_logits(hidden, tokens)
 
     def exit_head(self, hidden: torch.Tensor, vocab_limit: int | None = None) -> tuple[torch.Tensor, list[int]]:
-        """`exit_logits` of hidden [N, d] and each row's argmax on the host (the first maximum on
-        ties): the greedy decision of every row. The C++ head finds it while the logits are in
+        """`exit_logits` of hidden [..., d] as [N, vocab] (N: the leading dims' rows) and each
+        row's argmax on the host (the first maximum on ties): the greedy decision of every row. The C++ head finds it while the logits are in
         cache; a separate pass from Python costs ~30 us per call after a forward has streamed
         the weights through the caches."""
         head = self._native_exit_head
@@ -251,6 +251,7 @@ class EarlyExitModel(nn.Module):
         if self._native is not None:
             return self._native_head().forward_argmax(hidden, tokens)
         logits = self._python_logits(hidden, tokens)
+        logits = logits.reshape(-1, logits.shape[-1])
         return logits, argmax_rows(logits)
 
     def _python_logits(self, hidden: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -198,15 +198,23 @@ class SpecEngine:
         """Run requests to completion (batched); results in the order given."""
         order = [self.add_request(r) for r in requests]
         results: dict[str, GenerationResult] = {}
-        while len(results) < len(order):
-            for out in self.step():
-                if out.result is not None:
-                    results[out.request_id] = out.result
+        with torch.inference_mode():
+            while len(results) < len(order):
+                for out in self.step():
+                    if out.result is not None:
+                        results[out.request_id] = out.result
         return [results[i] for i in order]
 
     # ---- the step ------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
+        """One engine step (see the module docstring); in inference mode (entered here unless the
+        caller already is: `generate` enters it once, not per step)."""
+        if torch.is_inference_mode_enabled():
+            return self._step()
+        with torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[StepOutput]:
         active = list(self.running.values())  # admitted this step: prefill only
         outputs = self._admit_and_prefill()
         for lane in self.lanes.values():
@@ -298,7 +306,7 @@ class SpecEngine:
         if not wanted:
             return None
         if len(feeds) == 1:
-            rows_hidden = hidden[0]  # [T, d]: one sequence, no padding
+            rows_hidden = hidden  # [1, T, d]: one sequence, no padding
         else:
             flat = [b * T + t for b, f in wanted for t in range(f.count)]
             rows_hidden = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(flat, device=self.device)]

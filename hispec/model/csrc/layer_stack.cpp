@@ -285,8 +285,9 @@ class ExitHead {
     return at::linear(rms_norm(hidden, norm_, eps_), weight_.slice(0, 0, n));
   }
 
-  // The logits [rows, n] of hidden [rows, d] and each row's argmax (the first maximum, as torch and
-  // numpy pick), read on the host: the greedy decision without another pass from Python.
+  // The logits [rows, n] of hidden [..., d] (rows = all leading dims) and each row's argmax (the
+  // first maximum, as torch and numpy pick), read on the host: the greedy decision without
+  // another pass from Python.
   std::tuple<Tensor, std::vector<int64_t>> forward_argmax(const Tensor& hidden, int64_t vocab_limit) const {
     Tensor logits = forward(hidden, vocab_limit);
     const int64_t n = logits.size(-1), rows = logits.numel() / std::max<int64_t>(n, 1);
@@ -298,7 +299,7 @@ class ExitHead {
       const Tensor top = logits.reshape({rows, n}).argmax(-1).cpu();  // host sync
       std::memcpy(best.data(), top.data_ptr<int64_t>(), rows * sizeof(int64_t));
     }
-    return {logits, best};
+    return {logits.reshape({rows, n}), best};
   }
 
  private:
