@@ -46,21 +46,23 @@ def layer_stack_module() -> ModuleType | None:
         except RuntimeError:
             log.warning("ninja not found: decoder layers run in Python (slower, same results)")
             return None
-        try:
-            # -march=native: the extension is built on the machine that runs it (AVX-512 here).
-            # -fopenmp: at::parallel_for splits work only when the caller is compiled with OpenMP
-            # (else it runs serially); libgomp resolves to the copy torch already loaded, so the
-            # kernels share torch's intra-op thread pool.
-            return cpp_extension.load(
-                name=_versioned_name(),
-                sources=[str(SOURCE)],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                extra_include_paths=[str(CSRC)],
-            )
-        except Exception as exc:  # a broken toolchain must not take the runtime down
-            log.warning("building the C++ layer stack failed, decoder layers run in Python: %s", exc)
-            return None
+        # -march=native: the extension is built on the machine that runs it (AVX-512 here).
+        # -fopenmp: at::parallel_for splits work only when the caller is compiled with OpenMP
+        # (else it runs serially); libgomp resolves to the copy torch already loaded, so the
+        # kernels share torch's intra-op thread pool. A compiler without OpenMP gets a serial build.
+        for suffix, openmp in (("", ["-fopenmp"]), ("_serial", [])):
+            try:
+                return cpp_extension.load(
+                    name=_versioned_name() + suffix,
+                    sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-march=native", *openmp],
+                    extra_ldflags=openmp,
+                    extra_include_paths=[str(CSRC)],
+                )
+            except Exception as exc:  # a broken toolchain must not take the runtime down
+                log.warning("building the C++ layer stack%s failed: %s", " with OpenMP" if openmp else "", exc)
+        log.warning("decoder layers run in Python (slower, same results)")
+        return None
 
 
 def _versioned_name() -> str:
