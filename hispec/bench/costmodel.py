@@ -45,8 +45,9 @@ class CostTable:
 
     @contextmanager
     def recording(self, model: EarlyExitModel) -> Iterator["CostTable"]:
-        """Time `model`'s plan / forward_layers / exit_logits calls (all on the host: CPU ops are
-        synchronous; on a GPU this would need a synchronize per call) while the block runs."""
+        """Time `model`'s plan / forward_layers / exit head (exit_logits, exit_head) calls (all on
+        the host: CPU ops are synchronous; on a GPU this would need a synchronize per call) while
+        the block runs."""
         plan, forward_layers, exit_logits, exit_head = model.plan, model.forward_layers, model.exit_logits, model.exit_head
 
         def key(step):

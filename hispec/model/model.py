@@ -177,13 +177,6 @@ class EarlyExitModel(nn.Module):
         )
         return True
 
-    def _native_head(self):
-        """The C++ exit head (final norm + LM head; in fp32 on CPU a packed copy of the head),
-        made on first use."""
-        if self._native_exit_head is None:
-            self._native_exit_head = layer_stack_module().ExitHead(self.norm, self.lm_head.weight, self.config.rms_norm_eps)
-        return self._native_exit_head
-
     @property
     def native_layers(self) -> bool:
         return self._native is not None
@@ -241,12 +234,9 @@ class EarlyExitModel(nn.Module):
 
     def exit_head(self, hidden: torch.Tensor, vocab_limit: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """`exit_logits` of hidden [..., d] as [N, vocab] (N: the leading dims' rows) and each
-        row's argmax on the host (the first maximum on ties): the greedy decision of every row. The C++ head finds it while the logits are in
-        cache; a separate pass from Python costs ~30 us per call after a forward has streamed
-        the weights through the caches."""
-        head = self._native_exit_head
-        if head is not None:  # made (with the head's presence checked) on first use
-            return head.forward_argmax(hidden, -1 if vocab_limit is None else self._head_tokens(vocab_limit))
+        row's argmax on the host (the first maximum on ties): the greedy decision of every row.
+        The C++ head finds it while the logits are in cache; a separate pass from Python costs
+        ~30 us per call after a forward has streamed the weights through the caches."""
         tokens = self._head_tokens(vocab_limit)
         if self._native is not None:
             return self._native_head().forward_argmax(hidden, tokens)
@@ -254,16 +244,30 @@ class EarlyExitModel(nn.Module):
         logits = logits.reshape(-1, logits.shape[-1])
         return logits, argmax_rows(logits)
 
+    def _native_head(self):
+        """The C++ exit head (final norm + LM head; in fp32 on CPU a packed copy of the head),
+        made on first use."""
+        if self._native_exit_head is None:
+            self._require_head()
+            self._native_exit_head = layer_stack_module().ExitHead(self.norm, self.lm_head.weight, self.config.rms_norm_eps)
+        return self._native_exit_head
+
     def _python_logits(self, hidden: torch.Tensor, tokens: int) -> torch.Tensor:
+        self._require_head()
         return F.linear(rms_norm(hidden, self.norm, self.config.rms_norm_eps), self.lm_head.weight[:tokens])
 
-    def _head_tokens(self, vocab_limit: int | None) -> int:
+    def _require_head(self) -> None:
         if self.lm_head is None or self.norm is None:
             raise RuntimeError("this model part was loaded without the exit head")
+
+    def _head_tokens(self, vocab_limit: int | None) -> int:
+        """The vocabulary prefix the head scores (`vocab_limit`, at most the vocabulary)."""
         vocab = self.config.vocab_size
-        if vocab_limit is not None and vocab_limit < 1:
+        if vocab_limit is None:
+            return vocab
+        if vocab_limit < 1:
             raise ValueError(f"vocab_limit must be in [1, {vocab}], got {vocab_limit}")
-        return vocab if vocab_limit is None else min(vocab_limit, vocab)  # at least the vocabulary: all of it
+        return min(vocab_limit, vocab)
 
     def causal_hidden_states(self, token_ids: torch.Tensor, exits: Sequence[int]) -> list[torch.Tensor]:
         """Cache-free forward over whole sequences [B, T] from position 0 (training, scoring).

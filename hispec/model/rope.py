@@ -67,24 +67,21 @@ class RotaryTable:
     def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype) -> None:
         self.inv_freq = inv_freq
         self.dtype = dtype
-        self.cos = self.sin = torch.empty(0)
+        self.cos = self.sin = torch.empty(1, 0, 1, 0)  # [1, positions, 1, head_dim]
 
     def lookup(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [B, T] (CPU int64) -> cos, sin [B, T, 1, head_dim] on the table's device."""
         self._grow((int(positions.max()) if max_position is None else max_position) + 1)
         index = positions.to(self.cos.device)
-        return self.cos[index][:, :, None, :], self.sin[index][:, :, None, :]
+        return self.cos[0, index], self.sin[0, index]
 
     def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, end - start, 1, head_dim] of positions start..end-1: views, no gather."""
-        if end > self.cos.shape[0]:
-            self._grow(end)
-        return self._cos4[:, start:end], self._sin4[:, start:end]
+        self._grow(end)
+        return self.cos[:, start:end], self.sin[:, start:end]
 
     def _grow(self, needed: int) -> None:
-        if needed > self.cos.shape[0]:
-            size = max(needed, 2 * self.cos.shape[0], 256)
+        if needed > self.cos.shape[1]:
+            size = max(needed, 2 * self.cos.shape[1], 256)
             rows = torch.arange(size, device=self.inv_freq.device)[None, :]
-            cos, sin = rotary_cos_sin(rows, self.inv_freq, self.dtype)  # [1, size, 1, D]
-            self.cos, self.sin = cos[0, :, 0], sin[0, :, 0]
-            self._cos4, self._sin4 = cos, sin  # [1, size, 1, D]: a step's rows are one slice
+            self.cos, self.sin = rotary_cos_sin(rows, self.inv_freq, self.dtype)  # [1, size, 1, D]
