@@ -106,17 +106,18 @@ class LayerStack {
                  const std::vector<Tensor>& values, Tensor cos, Tensor sin, Tensor positions, bool masked,
                  std::optional<Tensor> read_slots, int64_t read_first, int64_t uniform_start, Tensor slot_index,
                  Tensor write_pos, int64_t kv_len, std::optional<Tensor> out) const {
-    Tensor result = forward_new(x, start, stop, keys, values, cos, sin, positions, masked, read_slots, read_first,
+    Tensor result = run_layers(x, start, stop, keys, values, cos, sin, positions, masked, read_slots, read_first,
                                 uniform_start, slot_index, write_pos, kv_len, out);
     if (out.has_value() && !result.is_same(*out)) return out->copy_(result);
     return result;
   }
 
  private:
-  Tensor forward_new(Tensor x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
-                     const std::vector<Tensor>& values, Tensor cos, Tensor sin, Tensor positions, bool masked,
-                     std::optional<Tensor> read_slots, int64_t read_first, int64_t uniform_start, Tensor slot_index,
-                     Tensor write_pos, int64_t kv_len, const std::optional<Tensor>& out) const {
+  // `forward` without the final copy: the packed path writes into `out` itself when it can.
+  Tensor run_layers(Tensor x, int64_t start, int64_t stop, const std::vector<Tensor>& keys,
+                    const std::vector<Tensor>& values, Tensor cos, Tensor sin, Tensor positions, bool masked,
+                    std::optional<Tensor> read_slots, int64_t read_first, int64_t uniform_start, Tensor slot_index,
+                    Tensor write_pos, int64_t kv_len, const std::optional<Tensor>& out) const {
     TORCH_CHECK(0 <= start && start < stop && stop <= size(), "layer range out of the stack");
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == stop - start && keys.size() == values.size(),
                 "one key and one value cache per layer");
@@ -155,7 +156,7 @@ class LayerStack {
     // The hidden state is updated in place: in `dst` when it can hold it (contiguous fp32, not
     // the input), else in a copy of x.
     const bool in_dst = dst.has_value() && dst->is_contiguous() && dst->scalar_type() == at::kFloat &&
-                        dst->sizes() == x.sizes() && !dst->is_same(x) && dst->data_ptr() != x.data_ptr();
+                        dst->sizes() == x.sizes() && dst->data_ptr() != x.data_ptr();
     Tensor out = in_dst ? dst->copy_(x) : x.contiguous().clone();
     Tensor scratch = at::empty({R * (2 * d + qkv_width + 2 * H * D + inter)}, x.options());
     float* normed = scratch.data_ptr<float>();  // [R, d]
