@@ -20,10 +20,10 @@ import torch
 
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
-from hispec.spec import EngineConfig, Request, RequestStats, SamplingParams, SpecEngine
-from hispec.spec.hierarchy import METHODS, resolve_policy
-from hispec.spec.request import cut_at_stop
-from hispec.spec.text import StreamingText
+from hispec.speculation import EngineConfig, Request, RequestStats, SamplingParams, SpecEngine
+from hispec.speculation.hierarchy import METHODS, resolve_policy
+from hispec.speculation.request import cut_at_stop
+from hispec.speculation.text import StreamingText
 
 
 def int_list(text: str) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from hispec.bench.costmodel import CostTable
 from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
-from hispec.spec import EngineConfig, Request, RequestStats, SpecEngine, resolve_hierarchy
+from hispec.speculation import EngineConfig, Request, RequestStats, SpecEngine, resolve_hierarchy
 
 OURS = ("ar", "layerskip", "hispec")
 HF = ("hf", "hf-early-exit")

@@ -9,7 +9,7 @@ import torch
 
 from hispec.model import load_model
 from hispec.serving.config import AppArgs
-from hispec.spec import EngineConfig, SpecEngine, resolve_policy
+from hispec.speculation import EngineConfig, SpecEngine, resolve_policy
 
 log = logging.getLogger(__name__)
 

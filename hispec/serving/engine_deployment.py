@@ -25,9 +25,9 @@ from hispec.serving.engine_process import EngineProcess
 from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.metrics import EngineMetrics, GpuMonitor
 from hispec.serving.params import GenerationParams, InvalidArgument, Limits
-from hispec.spec import Request
-from hispec.spec.request import cut_at_stop
-from hispec.spec.text import StreamingText
+from hispec.speculation import Request
+from hispec.speculation.request import cut_at_stop
+from hispec.speculation.text import StreamingText
 
 log = logging.getLogger(__name__)
 

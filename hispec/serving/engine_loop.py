@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hispec.spec.engine import SpecEngine
-from hispec.spec.request import GenerationResult, Request
+from hispec.speculation.engine import SpecEngine
+from hispec.speculation.request import GenerationResult, Request
 
 log = logging.getLogger(__name__)
 

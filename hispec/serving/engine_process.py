@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed, LoopSnapshot, Sink
-from hispec.spec.engine import SpecEngine
-from hispec.spec.hierarchy import Hierarchy
-from hispec.spec.request import Request
+from hispec.speculation.engine import SpecEngine
+from hispec.speculation.hierarchy import Hierarchy
+from hispec.speculation.request import Request
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from hispec.spec.sampling import SamplingParams
+from hispec.speculation.sampling import SamplingParams
 
 
 class InvalidArgument(ValueError):

@@ -18,7 +18,7 @@ from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
-from hispec.spec import EngineConfig, Request, SpecEngine, resolve_policy
+from hispec.speculation import EngineConfig, Request, SpecEngine, resolve_policy
 from tests.serve_process import running_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,

@@ -8,7 +8,7 @@ import torch
 
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
-from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
 from tests.unit.spec_helpers import GRID, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from hispec.model import EarlyExitModel, load_model
-from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
 from tests.unit.tiny_checkpoints import make_checkpoint
 
 # Exits and budgets covering K = 0..3 on a 6-layer model, with budgets from 1 to 6.

@@ -11,9 +11,9 @@ import torch
 from hispec.bench import speed, tune
 from hispec.bench.costmodel import CostTable
 from hispec.model import load_model
-from hispec.spec import EngineConfig, Hierarchy, Request, SpecEngine
-from hispec.spec.engine import ForwardShape
-from hispec.spec.hierarchy import TUNED_CONFIG_NAME, load_policy, resolve_hierarchy
+from hispec.speculation import EngineConfig, Hierarchy, Request, SpecEngine
+from hispec.speculation.engine import ForwardShape
+from hispec.speculation.hierarchy import TUNED_CONFIG_NAME, load_policy, resolve_hierarchy
 from tests.unit.spec_helpers import tiny_model
 
 

@@ -7,7 +7,7 @@ import pytest
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed
-from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
 from tests.unit.spec_helpers import collect, drain, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
 

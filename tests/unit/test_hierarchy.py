@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hispec.spec import Hierarchy, paper_default, resolve_hierarchy
-from hispec.spec.hierarchy import TUNED_CONFIG_NAME
+from hispec.speculation import Hierarchy, paper_default, resolve_hierarchy
+from hispec.speculation.hierarchy import TUNED_CONFIG_NAME
 
 
 @pytest.mark.parametrize("exits,budgets", [((4, 2), (1, 1)), ((0,), (1,)), ((16,), (1,)), ((2,), ()), ((2,), (0,))])

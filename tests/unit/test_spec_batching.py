@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
 from hispec.model.greedy import greedy_generate
 from tests.unit.spec_helpers import random_prompts, tiny_model
 
@@ -96,7 +96,7 @@ def test_batch_size_policy_gives_each_request_a_hierarchy_and_stays_exact(model)
     """Requests admitted alone speculate deeply; under load they get plain decoding. Lanes of
     different hierarchies decode side by side in one engine, every output still exact."""
     from hispec.model.greedy import greedy_generate
-    from hispec.spec import BatchPolicy
+    from hispec.speculation import BatchPolicy
 
     hispec, layerskip, ar = Hierarchy(6, (1, 3), (2, 4)), Hierarchy(6, (2,), (3,)), Hierarchy(6)
     policy = BatchPolicy(((1, hispec), (2, layerskip), (None, ar)))
@@ -117,7 +117,7 @@ def test_batch_size_policy_gives_each_request_a_hierarchy_and_stays_exact(model)
 
 
 def test_bad_policies():
-    from hispec.spec import BatchPolicy
+    from hispec.speculation import BatchPolicy
 
     h = Hierarchy(6)
     for rules in [(), ((2, h), (1, h), (None, h)), ((2, h),), ((0, h), (None, h)), ((1, h), (None, Hierarchy(4)))]:
@@ -153,7 +153,7 @@ def test_pruned_draft_head_leaves_sampled_and_mixed_batches_exact(tmp_path):
     """EngineConfig.draft_vocab applies to greedy forwards below the target only: a batch that
     mixes greedy and seeded sampled requests gives the same outputs with and without it."""
     from hispec.model.greedy import greedy_generate
-    from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+    from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
     from tests.unit.spec_helpers import random_prompts, tiny_model
 
     model = tiny_model(tmp_path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hispec.spec import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
 from tests.unit.spec_helpers import random_prompts, tiny_model
 
 

@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from hispec.spec import RejectionSampler, Request, SamplingParams
-from hispec.spec.sampling import keyed_uniform, processed_probs, sample_from
+from hispec.speculation import RejectionSampler, Request, SamplingParams
+from hispec.speculation.sampling import keyed_uniform, processed_probs, sample_from
 from tests.unit.spec_helpers import random_prompts, run_engine, tiny_model
 
 VOCAB, NEW, SAMPLES, ALPHA = 8, 4, 4000, 0.002
@@ -60,7 +60,7 @@ def chi_square_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> flo
 
 
 def pvalues(model, exits, budgets, params, verifier=None) -> dict[str, float]:
-    from hispec.spec import EngineConfig, Hierarchy, SpecEngine
+    from hispec.speculation import EngineConfig, Hierarchy, SpecEngine
 
     engine = SpecEngine(model, Hierarchy(model.config.num_layers, exits, budgets),
                         EngineConfig(max_batch_size=64), verifier=verifier)

@@ -1,6 +1,6 @@
 """StreamingText: released pieces add up to the final text; stop-string prefixes are held back."""
 
-from hispec.spec.text import StreamingText
+from hispec.speculation.text import StreamingText
 
 PIECES = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\ufffd", 6: "!", 7: "#", 8: "#"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from hispec.spec.request import cut_at_stop
+from hispec.speculation.request import cut_at_stop
 
 
 class StreamingText:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hispec.spec.sampling import ACCEPT, SAMPLE, sample_from
+from hispec.speculation.sampling import ACCEPT, SAMPLE, sample_from
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hispec.spec.hierarchy import Hierarchy
-from hispec.spec.request import Request
-from hispec.spec.sampling import SamplingParams
-from hispec.spec.stats import RequestStats
+from hispec.speculation.hierarchy import Hierarchy
+from hispec.speculation.request import Request
+from hispec.speculation.sampling import SamplingParams
+from hispec.speculation.stats import RequestStats
 
 
 @dataclass

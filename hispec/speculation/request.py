@@ -6,9 +6,9 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from hispec.spec.hierarchy import Hierarchy
-from hispec.spec.sampling import SamplingParams
-from hispec.spec.stats import RequestStats
+from hispec.speculation.hierarchy import Hierarchy
+from hispec.speculation.sampling import SamplingParams
+from hispec.speculation.stats import RequestStats
 
 _ids = itertools.count()
 

@@ -28,12 +28,12 @@ from typing import NamedTuple
 import torch
 
 from hispec.model.model import EarlyExitModel
-from hispec.spec.hierarchy import BatchPolicy, Hierarchy
-from hispec.spec.rejection import RejectionSampler, Verdict, verify_greedy
-from hispec.spec.request import GenerationResult, Request, StepOutput, cut_at_stop
-from hispec.spec.sampling import SAMPLE, keyed_uniform, processed_probs, sample_from
-from hispec.spec.state import SequenceState, align_actions
-from hispec.spec.stats import RequestStats
+from hispec.speculation.hierarchy import BatchPolicy, Hierarchy
+from hispec.speculation.rejection import RejectionSampler, Verdict, verify_greedy
+from hispec.speculation.request import GenerationResult, Request, StepOutput, cut_at_stop
+from hispec.speculation.sampling import SAMPLE, keyed_uniform, processed_probs, sample_from
+from hispec.speculation.state import SequenceState, align_actions
+from hispec.speculation.stats import RequestStats
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from hispec.spec.hierarchy import Hierarchy
+from hispec.speculation.hierarchy import Hierarchy
 
 
 @dataclass
