@@ -127,3 +127,34 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
         kwargs["high_freq_factor"] = float(params["high_freq_factor"])
         kwargs["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
     return RopeConfig(**kwargs)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine batches and bounds its sequences (the same whatever executes the forwards)."""
+
+    max_batch_size: int = 16  # sequences decoded together (KV cache slots)
+    max_context: int | None = None  # tokens per sequence (prompt + new); default: the model's limit
+    max_prefill_tokens: int = 4096  # prompt tokens admitted per step (at least one request)
+    # Verify in step with the batch: a greedy sequence with proposals waiting at a level someone
+    # else verifies this step verifies them too (see align_actions). Output is the same either way.
+    align_verification: bool = True
+    # Proposals below the target (drafts, intermediate verifications) of greedy sequences come
+    # from the exit head over tokens [0, draft_vocab) only (see EarlyExitModel.exit_logits):
+    # lossless, since only the target's distribution decides; cheaper when the full head does
+    # not fit the cache. None: the full head everywhere. Sampled sequences always use the full head.
+    draft_vocab: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError("max_context must be >= 2")
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise ValueError("draft_vocab must be >= 1 (or None: the full head)")
+
+    def capacity(self, max_position_embeddings: int) -> int:
+        """Tokens per sequence: max_context, at most the model's limit."""
+        return min(self.max_context or max_position_embeddings, max_position_embeddings)

@@ -20,7 +20,8 @@ import torch
 
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
-from hispec.speculation import EngineConfig, Request, RequestStats, SamplingParams, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Request, RequestStats, SamplingParams
 from hispec.speculation.hierarchy import METHODS, resolve_policy
 from hispec.speculation.request import cut_at_stop
 from hispec.speculation.text import StreamingText

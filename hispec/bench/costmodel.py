@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from hispec.model.model import EarlyExitModel
-from hispec.speculation.engine import ForwardShape
+from hispec.engine import ForwardShape
 
 
 _SAMPLES = ("plan_samples", "forward_samples", "head_samples")

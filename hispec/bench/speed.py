@@ -25,7 +25,8 @@ from hispec.bench.costmodel import CostTable
 from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
-from hispec.speculation import EngineConfig, Request, RequestStats, SpecEngine, resolve_hierarchy
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Request, RequestStats, resolve_hierarchy
 
 OURS = ("ar", "layerskip", "hispec")
 HF = ("hf", "hf-early-exit")

@@ -27,7 +27,8 @@ from hispec.bench.costmodel import CostTable
 from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
-from hispec.speculation import EngineConfig, Hierarchy, Request, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request
 from hispec.speculation.hierarchy import TUNED_CONFIG_NAME
 
 HISPEC_BUDGETS = [(1, 3), (2, 4), (3, 4), (2, 6), (3, 6)]

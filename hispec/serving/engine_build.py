@@ -9,7 +9,8 @@ import torch
 
 from hispec.model import load_model
 from hispec.serving.config import AppArgs
-from hispec.speculation import EngineConfig, SpecEngine, resolve_policy
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import resolve_policy
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hispec.speculation.engine import SpecEngine
+from hispec.engine import SpecEngine
 from hispec.speculation.request import GenerationResult, Request
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class EngineLoop:
     def snapshot(self, step_seconds: float = 0.0) -> LoopSnapshot:
         with self._wakeup:
             inbox = len(self._inbox)
-        return LoopSnapshot(inbox + len(self.engine.waiting), self.engine.num_running,
+        return LoopSnapshot(inbox + self.engine.num_waiting, self.engine.num_running,
                             self.engine.config.max_batch_size, step_seconds)
 
     # ---- the engine thread ---------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed, LoopSnapshot, Sink
-from hispec.speculation.engine import SpecEngine
+from hispec.engine import SpecEngine
 from hispec.speculation.hierarchy import Hierarchy
 from hispec.speculation.request import Request
 
@@ -50,7 +50,7 @@ class EngineSummary:
 
     @classmethod
     def of(cls, engine: SpecEngine) -> "EngineSummary":
-        cfg = engine.model.config
+        cfg = engine.model_config
         return cls(cfg.num_layers, cfg.vocab_size, engine.capacity, engine.config.max_batch_size,
                    engine.policy.describe(), engine.hierarchy)
 

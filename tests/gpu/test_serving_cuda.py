@@ -18,7 +18,8 @@ from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
-from hispec.speculation import EngineConfig, Request, SpecEngine, resolve_policy
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Request, resolve_policy
 from tests.serve_process import running_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,

@@ -8,7 +8,8 @@ import torch
 
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
-from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request, SamplingParams
 from tests.unit.spec_helpers import GRID, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
 

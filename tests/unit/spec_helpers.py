@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from hispec.model import EarlyExitModel, load_model
-from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request, SamplingParams
 from tests.unit.tiny_checkpoints import make_checkpoint
 
 # Exits and budgets covering K = 0..3 on a 6-layer model, with budgets from 1 to 6.

@@ -11,8 +11,9 @@ import torch
 from hispec.bench import speed, tune
 from hispec.bench.costmodel import CostTable
 from hispec.model import load_model
-from hispec.speculation import EngineConfig, Hierarchy, Request, SpecEngine
-from hispec.speculation.engine import ForwardShape
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request
+from hispec.engine import ForwardShape
 from hispec.speculation.hierarchy import TUNED_CONFIG_NAME, load_policy, resolve_hierarchy
 from tests.unit.spec_helpers import tiny_model
 

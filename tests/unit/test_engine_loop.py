@@ -7,7 +7,8 @@ import pytest
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed
-from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request, SamplingParams
 from tests.unit.spec_helpers import collect, drain, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
 
@@ -30,7 +31,7 @@ def start_loop(checkpoint, slots=3, hierarchy=((2, 4), (2, 2))):
 def test_concurrent_requests_equal_plain_greedy(checkpoint):
     loop = start_loop(checkpoint)
     try:
-        prompts = random_prompts([3, 9, 1, 6, 12, 4, 7], vocab=loop.engine.model.config.vocab_size)
+        prompts = random_prompts([3, 9, 1, 6, 12, 4, 7], vocab=loop.engine.model_config.vocab_size)
         lengths = [17, 5, 23, 1, 11, 30, 8]
         streams = [collect(loop, Request(p, n, stop_token_ids=())) for p, n in zip(prompts, lengths)]
         outputs = [drain(s) for s in streams]  # 7 requests through 3 slots
@@ -72,7 +73,7 @@ def test_abort_frees_the_slot_and_silences_the_sink(checkpoint):
 def test_refused_request_fails_alone(checkpoint):
     loop = start_loop(checkpoint)
     try:
-        vocab = loop.engine.model.config.vocab_size
+        vocab = loop.engine.model_config.vocab_size
         _, failed = drain(collect(loop, Request([vocab + 5], 3)))
         assert isinstance(failed, Failed) and "token ids" in str(failed.error)
         tokens, result = drain(collect(loop, Request([1, 2], 4, stop_token_ids=())))

@@ -11,7 +11,8 @@ from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
 from hispec.serving.engine_loop import Committed, Failed
 from hispec.serving.engine_process import EngineProcess
-from hispec.speculation import BatchPolicy, EngineConfig, Hierarchy, Request, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import BatchPolicy, Hierarchy, Request
 from tests.unit.spec_helpers import collect, drain, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request, SamplingParams
 from hispec.model.greedy import greedy_generate
 from tests.unit.spec_helpers import random_prompts, tiny_model
 
@@ -51,7 +52,8 @@ def test_joins_and_leaves_equal_sequential(model, exits, budgets):
     assert {rid: r.token_ids for rid, r in results.items()} == alone
     assert streamed == alone  # streaming delivers exactly the committed tokens, in order
     assert sorted(engine.free_slots) == [0, 1, 2]  # every slot came back
-    assert int(engine.cache.lengths.sum()) == 0
+    engine.check_lengths()  # nothing left in any KV slot
+    assert all(not any(lengths) for snap in engine.snapshot() for lengths in snap.lengths.values())
 
 
 def test_abort_frees_the_slot_and_spares_the_others(model):
@@ -153,7 +155,8 @@ def test_pruned_draft_head_leaves_sampled_and_mixed_batches_exact(tmp_path):
     """EngineConfig.draft_vocab applies to greedy forwards below the target only: a batch that
     mixes greedy and seeded sampled requests gives the same outputs with and without it."""
     from hispec.model.greedy import greedy_generate
-    from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+    from hispec.engine import EngineConfig, SpecEngine
+    from hispec.speculation import Hierarchy, Request, SamplingParams
     from tests.unit.spec_helpers import random_prompts, tiny_model
 
     model = tiny_model(tmp_path)

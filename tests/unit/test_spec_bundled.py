@@ -11,7 +11,8 @@ from hispec.bench.prompts import bundled_heldout_prompts
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
 from hispec.models import DEFAULT_MODEL
-from hispec.speculation import EngineConfig, Request, SpecEngine, paper_default
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Request, paper_default
 from hispec.speculation.request import cut_at_stop
 
 NUM_PROMPTS, NEW_TOKENS = 50, 128

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hispec.model.greedy import greedy_generate
-from hispec.speculation import EngineConfig, Hierarchy, Request, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request
 from tests.unit.spec_helpers import GRID, first_draft_proposal, random_prompts, requests_for, run_engine, tiny_model
 
 PROMPT_LENGTHS = (1, 2, 5, 11, 17)

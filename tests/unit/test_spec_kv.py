@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hispec.speculation import EngineConfig, Hierarchy, Request, SamplingParams, SpecEngine
+from hispec.engine import EngineConfig, SpecEngine
+from hispec.speculation import Hierarchy, Request, SamplingParams
 from tests.unit.spec_helpers import random_prompts, tiny_model
 
 

@@ -60,7 +60,8 @@ def chi_square_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> flo
 
 
 def pvalues(model, exits, budgets, params, verifier=None) -> dict[str, float]:
-    from hispec.speculation import EngineConfig, Hierarchy, SpecEngine
+    from hispec.engine import EngineConfig, SpecEngine
+    from hispec.speculation import Hierarchy
 
     engine = SpecEngine(model, Hierarchy(model.config.num_layers, exits, budgets),
                         EngineConfig(max_batch_size=64), verifier=verifier)

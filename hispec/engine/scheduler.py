@@ -1,0 +1,379 @@
+"""The scheduler: pure policy over token counts. It owns the sequences (waiting, running, slots),
+says what every forward of a step runs, and applies the verdicts that come back.
+
+No model, no tensors, no Ray: it is tested without a model (tests/unit/test_scheduler.py).
+
+A step, as the scheduler sees it:
+  1. `schedule()` admits waiting requests into free slots (a prefill forward over all layers),
+     asks every running sequence for its next action (draft at level 0, or verify at level k the
+     tokens level k-1 holds beyond level k's) and turns the actions into forwards, bottom-up:
+     level j runs layers [e_{j-1}, e_j) once, as one ragged batch, for drafters (level 0),
+     sequences verified at level j (their waiting tokens) and one-token "catch-up" feeds of
+     sequences verified higher up (the last token of a chain was never run through the levels
+     below). Consecutive levels fed the very same catch-ups run as one forward over their joint
+     layers. Level j's input is level j-1's output, kept in a ring at exit e_{j-1}: layers below
+     are never re-run.
+  2. an executor runs the forwards; a `Decider` turns head outputs into one `Verdict` per decision;
+  3. `apply(verdicts)` extends or cuts the chains, queues KV truncations for the next plan, commits
+     what the target accepted and finishes sequences on stop token, stop string, length or context.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from hispec.config import EngineConfig
+from hispec.engine.plan import Feed, Forward, RingKey, StepPlan, Truncate
+from hispec.speculation.hierarchy import BatchPolicy, Hierarchy
+from hispec.speculation.rejection import Verdict
+from hispec.speculation.request import GenerationResult, Request, StepOutput, find_stop_string
+from hispec.speculation.state import SequenceState, align_actions
+from hispec.speculation.stats import RequestStats
+
+
+class ForwardShape(NamedTuple):
+    """A forward by shape: the cost model (hispec.bench.costmodel) prices the log of these."""
+
+    layers: int  # layers run
+    batch: int  # sequences in the forward
+    tokens: int  # tokens per sequence, padded (the widest sequence's)
+    head_rows: int  # exit-head rows computed after it (0: catch-up only)
+    prefill: bool = False  # prompt processing (keys start at position 0)
+    head_vocab: int = 0  # tokens the exit head scored: 0 = the whole vocabulary (EngineConfig.draft_vocab)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A choice the step's head outputs decide for one sequence: its first token (prefill), a
+    draft (level 0) or a verification at `level`; read from forward `forward`'s output."""
+
+    seq: SequenceState
+    level: int
+    forward: int
+    prefill: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledStep:
+    plan: StepPlan
+    decisions: tuple[Decision, ...]
+
+
+@dataclass
+class _PlannedFeed:
+    seq: SequenceState
+    start: int
+    count: int
+    wants_logits: bool  # False for catch-up feeds: only their KV and hidden states are needed
+
+
+@dataclass
+class _Lane:
+    """Statistics of the requests decoded with one hierarchy (a BatchPolicy may use several)."""
+
+    hierarchy: Hierarchy
+    total_stats: RequestStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total_stats = RequestStats.total(self.hierarchy, [])
+
+
+class Scheduler:
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        config: EngineConfig,
+        *,
+        vocab_size: int,
+        capacity: int,
+        eos_token_ids: Sequence[int] = (),
+        detokenize: Callable[[Sequence[int]], str] | None = None,
+    ) -> None:
+        self.policy, self.config = policy, config
+        self.vocab_size, self.capacity = vocab_size, capacity
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.detokenize = detokenize
+        self.draft_vocab = config.draft_vocab if config.draft_vocab is not None and config.draft_vocab < vocab_size else None
+        self.lanes = {h: _Lane(h) for h in policy.hierarchies}
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, SequenceState] = {}
+        # Lowest slot first (a heap): the running batch stays packed into slots 0..B-1, so a forward
+        # over all of it reads its KV rows as one view instead of gathering them.
+        self.free_slots = list(range(config.max_batch_size))
+        self._truncations: list[Truncate] = []  # verdicts' KV rollbacks, sent with the next plan
+        self._releases: list[int] = []  # finished sequences' slots, likewise
+        self.forward_log: Counter[ForwardShape] = Counter()  # every forward planned, by shape
+        self._finished_at_once: list[StepOutput] = []  # admitted with max_new_tokens 0: reported by apply
+
+    @property
+    def num_layers(self) -> int:
+        return self.policy.choose(1).num_layers
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request: Request) -> str:
+        """Queue a request; it joins the running batch at the next step with a free slot."""
+        if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
+            raise ValueError(f"prompt_ids: token ids must be in [0, {self.vocab_size})")
+        if request.max_new_tokens > 0 and len(request.prompt_ids) >= self.capacity:
+            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in the "
+                             f"{self.capacity}-token context")
+        if request.stop_strings and self.detokenize is None:
+            raise ValueError("stop strings need an engine built with a detokenize function")
+        if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.waiting.append(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> GenerationResult | None:
+        """Drop a waiting or running request; its slot is free at once (its KV released with the next plan)."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                return GenerationResult(request_id, request.prompt_ids, [], "abort",
+                                        RequestStats.empty(self.policy.choose(1)))
+        seq = self.running.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        return self._finish(seq)
+
+    def abort_all(self, reason: str = "abort") -> list[GenerationResult]:
+        """End every waiting and running request (e.g. the executor failed)."""
+        results = [self.abort(r.request_id) for r in list(self.waiting)]
+        for seq in list(self.running.values()):
+            seq.finish_reason = reason
+            results.append(self._finish(seq))
+        return results
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def take_cache_ops(self) -> StepPlan:
+        """A plan of the pending truncations and releases only (to leave the executors in sync when idle)."""
+        plan = StepPlan(tuple(self._truncations), tuple(self._releases))
+        self._truncations, self._releases = [], []
+        return plan
+
+    # ---- planning ------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep:
+        """The next step: prefill of newly admitted requests, then one action per running sequence.
+        Token counts (`fed`, statistics) advance here, as the forwards will run them."""
+        active = list(self.running.values())  # admitted this step: prefill only
+        forwards: list[Forward] = []
+        decisions: list[Decision] = []
+        admitted, finished_at_once = self._admit()
+        if admitted:
+            forwards.append(self._prefill_forward(admitted))
+            decisions += [Decision(seq, seq.hierarchy.depth, 0, prefill=True) for seq in admitted]
+        for lane in self.lanes.values():
+            members = [seq for seq in active if seq.hierarchy == lane.hierarchy]
+            if not members:
+                continue
+            actions = {seq.slot: seq.next_action() for seq in members}
+            if self.config.align_verification:
+                align_actions(members, actions)
+            level_forward = {}
+            for level_range, feeds in self._group_levels(lane.hierarchy, self._plan_feeds(lane.hierarchy, members, actions)):
+                level_forward[level_range[1]] = len(forwards)
+                forwards.append(self._forward(lane.hierarchy, *level_range, feeds))
+            decisions += [Decision(seq, actions[seq.slot], level_forward[actions[seq.slot]]) for seq in members]
+        cache_ops = self.take_cache_ops()
+        self._finished_at_once = finished_at_once
+        return ScheduledStep(StepPlan(cache_ops.truncations, cache_ops.releases, tuple(forwards)), tuple(decisions))
+
+    def _plan_feeds(self, hierarchy: Hierarchy, members: list[SequenceState], actions: dict[int, int]) -> list[list[_PlannedFeed]]:
+        """Per level, what each sequence runs through that level's layers this step."""
+        feeds: list[list[_PlannedFeed]] = [[] for _ in range(hierarchy.depth + 1)]
+        for seq in sorted(members, key=lambda s: s.slot):  # slot order: contiguous slots read as views
+            seq.committed_before_step = seq.committed
+            k = actions[seq.slot]
+            if k == 0:
+                feeds[0].append(_PlannedFeed(seq, seq.accepted[0] - 1, 1, True))
+                continue
+            bonus = not seq.closed(k - 1)  # a bonus token needs the distribution after the last token
+            end = seq.accepted[k - 1] if bonus else seq.accepted[k - 1] - 1
+            if bonus:
+                for j in range(k):
+                    feeds[j].append(_PlannedFeed(seq, end - 1, 1, False))
+            feeds[k].append(_PlannedFeed(seq, seq.fed[k], end - seq.fed[k], True))
+        return feeds
+
+    @staticmethod
+    def _group_levels(hierarchy: Hierarchy, feeds: list[list[_PlannedFeed]]):
+        """(first level, last level), feeds: consecutive levels fed the very same one-token
+        catch-ups (always so at batch size 1) run as one forward over their joint layers."""
+        first = 0
+        while first < len(feeds):
+            last = first
+            while last + 1 < len(feeds) and _same_catch_ups(feeds[first], feeds[last + 1]):
+                last += 1
+            if feeds[first]:
+                yield (first, last), feeds[first]
+            first = last + 1
+
+    def _forward(self, hierarchy: Hierarchy, first: int, last: int, planned: list[_PlannedFeed]) -> Forward:
+        K, W, bounds = hierarchy.depth, hierarchy.window, hierarchy.bounds
+        lo, hi = bounds[first], bounds[last + 1]
+        feeds = []
+        for f in planned:
+            seq = f.seq
+            token_ids = tuple(seq.tokens[f.start : f.start + f.count]) if first == 0 else None
+            feeds.append(Feed(seq.slot, f.start, f.count, f.count if f.wants_logits else 0, token_ids,
+                              f.wants_logits and not seq.sampling.greedy))
+            for level in range(first, last + 1):
+                seq.fed[level] += f.count
+            seq.stats.layer_forwards += hi - lo
+            seq.stats.layer_token_passes += (hi - lo) * f.count
+            if last == K:
+                seq.stats.target_passes += 1
+        sampled = any(f.logits for f in feeds)
+        head_vocab = self.draft_vocab if last < K and not sampled else None  # below the target, greedy only
+        forward = Forward(lo, hi, tuple(feeds),
+                          input_ring=RingKey(lo, W) if first > 0 else None,
+                          output_ring=RingKey(hi, W) if last < K else None,
+                          head_vocab=head_vocab)
+        self.forward_log[ForwardShape(hi - lo, len(feeds), forward.width, forward.head_row_count,
+                                      head_vocab=head_vocab or 0)] += 1
+        return forward
+
+    # ---- admission -------------------------------------------------------------------------
+    def _admit(self) -> tuple[list[SequenceState], list[StepOutput]]:
+        admitted, at_once, budget = [], [], self.config.max_prefill_tokens
+        while self.waiting and self.free_slots:
+            request = self.waiting[0]
+            if admitted and len(request.prompt_ids) > budget:
+                break
+            self.waiting.popleft()
+            if request.max_new_tokens == 0:
+                at_once.append(StepOutput(request.request_id, [], GenerationResult(
+                    request.request_id, request.prompt_ids, [], "length", RequestStats.empty(self.policy.choose(1)))))
+                continue
+            budget -= len(request.prompt_ids)
+            admitted.append(self._new_sequence(request))
+        return admitted, at_once
+
+    def _new_sequence(self, request: Request) -> SequenceState:
+        hierarchy = self.policy.choose(len(self.running) + 1)  # by the batch size it joins
+        K, P = hierarchy.depth, len(request.prompt_ids)
+        stop_ids = self.eos_token_ids if request.stop_token_ids is None else request.stop_token_ids
+        seq = SequenceState(
+            request=request, hierarchy=hierarchy, sampling=request.sampling.with_seed(),
+            slot=heapq.heappop(self.free_slots), stop_token_ids=frozenset(stop_ids),
+            limit=min(P + request.max_new_tokens, self.capacity + 1),
+            tokens=list(request.prompt_ids), accepted=[P] * (K + 1), fed=[0] * (K + 1),
+            attempts=[0] * (K + 1), stats=RequestStats.empty(hierarchy),
+        )
+        self.running[request.request_id] = seq
+        return seq
+
+    def _prefill_forward(self, admitted: list[SequenceState]) -> Forward:
+        """Whole prompts through every layer; the target's distribution after the prompt gives the
+        first token (committed at once). The prompt's last position counts as a decoding pass."""
+        L = self.num_layers
+        feeds = []
+        for seq in admitted:
+            P, K = seq.prompt_len, seq.hierarchy.depth
+            feeds.append(Feed(seq.slot, 0, P, 1, tuple(seq.request.prompt_ids), not seq.sampling.greedy))
+            seq.fed = [P] * (K + 1)
+            seq.stats.target_passes += 1
+            seq.stats.layer_forwards += L
+            seq.stats.layer_token_passes += L
+        forward = Forward(0, L, tuple(feeds), prefill=True)
+        self.forward_log[ForwardShape(L, len(feeds), forward.width, len(feeds), prefill=True)] += 1
+        return forward
+
+    # ---- verdicts ----------------------------------------------------------------------------
+    def apply(self, step: ScheduledStep, verdicts: Sequence[Verdict]) -> list[StepOutput]:
+        """Apply one verdict per decision (in order); returns what each request committed."""
+        outputs, self._finished_at_once = self._finished_at_once, []
+        for decision, verdict in zip(step.decisions, verdicts, strict=True):
+            seq, k = decision.seq, decision.level
+            if decision.prefill:
+                P = seq.prompt_len
+                seq.attempts[k] += 1
+                seq.tokens.append(verdict.next_token)
+                seq.accepted = [P + 1] * (k + 1)
+                seq.committed_before_step = P
+            elif k == 0:
+                seq.attempts[0] += 1
+                seq.stats.levels[0].proposed += 1
+                seq.stats.levels[0].rounds += 1
+                seq.tokens.append(verdict.next_token)
+                seq.accepted[0] += 1
+            else:
+                seq.attempts[k] += 1
+                level_stats = seq.stats.levels[k]
+                level_stats.proposed += seq.accepted[k - 1] - seq.accepted[k]
+                level_stats.accepted += verdict.accepted
+                level_stats.rounds += 1
+                self._apply_verdict(seq, k, verdict)
+            if seq.accepted[-1] > seq.committed_before_step:
+                outputs.append(self._commit(seq))
+        return outputs
+
+    def _apply_verdict(self, seq: SequenceState, k: int, verdict: Verdict) -> None:
+        """Level k's chain becomes its accepted prefix + the recovered/bonus token; every level at
+        or below k continues from it: their KV lengths roll back to the new chain minus its last
+        token (not yet run through any layer)."""
+        kept = seq.accepted[k] + verdict.accepted
+        del seq.tokens[kept:]
+        if verdict.next_token is not None:
+            seq.tokens.append(verdict.next_token)
+        new_len = len(seq.tokens)
+        for j in range(k + 1):
+            seq.accepted[j] = new_len
+            seq.fed[j] = new_len - 1
+        self._truncations.append(Truncate(seq.slot, seq.hierarchy.bounds[k + 1], new_len - 1))
+
+    def _commit(self, seq: SequenceState) -> StepOutput:
+        """Apply stop conditions to tokens the target just committed; finish if one holds."""
+        before = seq.committed_before_step
+        if seq.request.stop_strings:
+            found = find_stop_string(self.detokenize, seq.generated(), before - seq.prompt_len, seq.request.stop_strings)
+            if found is not None:
+                count, seq.stop_string = found
+                del seq.tokens[seq.prompt_len + count :]
+                for j in range(len(seq.accepted)):
+                    seq.accepted[j] = min(seq.accepted[j], len(seq.tokens))
+                seq.finish_reason = "stop"
+        new = seq.tokens[before : seq.committed]
+        seq.stats.new_tokens = seq.committed - seq.prompt_len
+        if seq.finish_reason is None:
+            if seq.tokens[seq.committed - 1] in seq.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.stats.new_tokens >= seq.request.max_new_tokens:
+                seq.finish_reason = "length"
+            elif seq.committed >= seq.limit:
+                seq.finish_reason = "context"
+        if seq.finish_reason is not None:
+            return StepOutput(seq.request.request_id, new, self._finish(seq))
+        return StepOutput(seq.request.request_id, new)
+
+    def _finish(self, seq: SequenceState) -> GenerationResult:
+        del self.running[seq.request.request_id]
+        self._releases.append(seq.slot)
+        heapq.heappush(self.free_slots, seq.slot)
+        seq.stats.new_tokens = seq.committed - seq.prompt_len
+        lane = self.lanes[seq.hierarchy]
+        lane.total_stats = RequestStats.total(seq.hierarchy, [lane.total_stats, seq.stats])
+        return GenerationResult(seq.request.request_id, seq.request.prompt_ids, seq.generated(),
+                                seq.finish_reason, seq.stats, seq.stop_string, seq.hierarchy)
+
+    # ---- inspection ----------------------------------------------------------------------------
+    def expected_lengths(self, seq: SequenceState) -> list[int]:
+        """The KV length every layer should hold for `seq` once pending truncations are applied:
+        level k's layers hold fed[k] tokens."""
+        h = seq.hierarchy
+        return [seq.fed[k] for k in range(h.depth + 1) for _ in range(*h.layer_range(k))]
+
+
+def _same_catch_ups(a: list[_PlannedFeed], b: list[_PlannedFeed]) -> bool:
+    """Whether two levels' feeds are the same one-token catch-ups of the same sequences."""
+    return bool(a) and len(a) == len(b) and all(
+        x.seq is y.seq and x.start == y.start and x.count == y.count == 1 and not x.wants_logits and not y.wants_logits
+        for x, y in zip(a, b)
+    )
