@@ -1,0 +1,43 @@
+"""Control messages of the stage loop besides `StepPlan` (pickled over the control group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    with_tensors: bool = False
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Ask a stage for its loop's timing counters (busy / transport / idle seconds, bytes)."""
+
+    reset: bool = False
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class StageFailure:
+    """A stage's answer when running a message raised: the driver raises it as a PipelineError."""
+
+    stage: int
+    layer_range: tuple[int, int]
+    error: str  # the exception and its traceback, as text
+
+
+@dataclass
+class StageTimes:
+    """Where a stage's loop spent its time since the last reset (seconds), and what it moved."""
+
+    busy: float = 0.0  # running layers and heads
+    transport: float = 0.0  # sending and receiving hidden rows and replies
+    idle: float = 0.0  # waiting for the next plan from the driver
+    steps: int = 0
+    bytes_sent: int = 0  # hidden rows to the next stage
+    bytes_received: int = 0

@@ -1,0 +1,142 @@
+"""A pipeline stage as a Ray actor: loads only its layers, owns only their KV cache, and runs a
+persistent loop that takes plans from the driver over the transport (no Ray call per step).
+
+    actor = StageActor.options(placement_group=..., num_cpus=0.5).remote(spec)
+    address = ray.get(first_stage.host_store.remote(world_size, data_backend))  # stage 0 only
+    loop = actor.serve.remote(address)            # returns when the driver sends Shutdown
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from hispec.engine.plan import HeadOutput, StepPlan
+from hispec.engine.stage import Stage, run_stage_plan
+from hispec.engine.transport import DistributedLink, GroupAddress, Transport, host_store
+from hispec.pipeline.messages import Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one stage loads and how it runs (validated by the pipeline that makes it)."""
+
+    index: int  # stage s: rank s + 1
+    model_path: Path
+    layer_range: tuple[int, int]
+    with_embeddings: bool
+    with_head: bool
+    num_slots: int
+    capacity: int
+    dtype: str = "float32"
+    device: str = "cpu"  # "cuda": the GPU Ray assigned to this actor
+    threads: int = 1  # torch / OpenMP threads: on a small CPU, one per stage so stages do not fight over cores
+
+
+class _TimedLink(DistributedLink):
+    """Counts the seconds and bytes the stage spends moving rows (a receive's seconds include
+    waiting for the previous stage to produce them)."""
+
+    def __init__(self, transport: Transport, stage: int, times: StageTimes) -> None:
+        super().__init__(transport, stage)
+        self.times = times
+
+    def send(self, hidden):
+        started = time.perf_counter()
+        super().send(hidden)
+        self.times.transport += time.perf_counter() - started
+        self.times.bytes_sent += hidden.numel() * hidden.element_size()
+
+    def recv(self, shape, dtype, device):
+        started = time.perf_counter()
+        hidden = super().recv(shape, dtype, device)
+        self.times.transport += time.perf_counter() - started
+        self.times.bytes_received += hidden.numel() * hidden.element_size()
+        return hidden
+
+
+@ray.remote(max_concurrency=2)  # the loop, and `ping` / `describe` beside it
+class StageActor:
+    def __init__(self, spec: StageSpec) -> None:
+        import torch
+
+        from hispec.model import load_model
+
+        torch.set_num_threads(spec.threads)
+        os.environ["OMP_NUM_THREADS"] = str(spec.threads)
+        self.spec = spec
+        device = spec.device
+        if device == "cuda":
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        self.model = load_model(spec.model_path, layer_range=spec.layer_range, with_embeddings=spec.with_embeddings,
+                                with_head=spec.with_head, dtype=spec.dtype, device=device)
+        self.stage = Stage(self.model, spec.num_slots, spec.capacity)
+        self._store = None
+        self.times = StageTimes()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def describe(self) -> dict:
+        import torch
+
+        return {"stage": self.spec.index, "layers": list(self.spec.layer_range), "pid": os.getpid(),
+                "threads": torch.get_num_threads(), "native": self.model.native_layers,
+                "tensors": sorted(self.model.loaded_tensor_names), "device": str(self.model.device)}
+
+    def host_store(self, world_size: int, data_backend: str) -> GroupAddress:
+        """Stage 0 hosts the pipeline's rendezvous store (it lives as long as the stage)."""
+        host = ray.util.get_node_ip_address()
+        self._store, port = host_store(world_size, host)
+        return GroupAddress(host, port, world_size, data_backend)
+
+    def serve(self, address: GroupAddress) -> str:
+        """The stage loop: join the groups, then answer the driver's messages until Shutdown."""
+        import torch
+
+        rank = self.spec.index + 1
+        transport = Transport(address, rank, self._store)
+        link = _TimedLink(transport, self.spec.index, self.times)
+        times = self.times
+        try:
+            with torch.inference_mode():
+                while True:
+                    waited = time.perf_counter()
+                    message = transport.recv_object(0)
+                    started = time.perf_counter()
+                    times.idle += started - waited
+                    if isinstance(message, Shutdown):
+                        return "shutdown"
+                    moving = times.transport
+                    try:
+                        reply = self._handle(message, link)
+                    except Exception:  # noqa: BLE001 - the driver raises it; this stage is now unusable
+                        reply = StageFailure(self.spec.index, self.spec.layer_range, traceback.format_exc())
+                    sent = time.perf_counter()
+                    times.busy += (sent - started) - (times.transport - moving)  # rows moved count as transport
+                    transport.send_object(reply, 0)
+                    times.transport += time.perf_counter() - sent
+                    if isinstance(reply, StageFailure):
+                        return "failed"
+        finally:
+            transport.close()
+
+    def _handle(self, message, link: DistributedLink):
+        if isinstance(message, StepPlan):
+            heads = run_stage_plan(self.stage, message, link)
+            self.times.steps += 1
+            return {i: {slot: HeadOutput(h.argmax, None if h.logits is None else h.logits.cpu())
+                        for slot, h in by_slot.items()} for i, by_slot in heads.items()}
+        if isinstance(message, SnapshotRequest):
+            return self.stage.snapshot(message.with_tensors)
+        if isinstance(message, StatsRequest):
+            snapshot = StageTimes(**vars(self.times))
+            if message.reset:
+                self.times.__init__()
+            return snapshot
+        raise TypeError(f"unknown control message {type(message).__name__}")
