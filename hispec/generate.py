@@ -3,9 +3,13 @@
     hispec generate --prompt "def fibonacci(n):" --max-new-tokens 64
     hispec generate --method layerskip --exits 4 --budgets 4 --prompt "import os"
     hispec generate --temperature 0.8 --top-p 0.95 --seed 1 --prompts prompts.jsonl --json
+    hispec generate --pipeline-stages 2 --prompt "import os"    # the layers split over 2 Ray actors
 
 Defaults: the bundled model, its tuned HiSpec hierarchy (or exits at 1/8 and 1/4 depth with
 budgets 2 and 4), greedy. All prompts of a file decode together in one batch (--max-batch-size).
+With --pipeline-stages S > 1 the command starts a local Ray instance of its own, runs the model as
+S stage actors driven from this process (hispec.pipeline), and shuts it down at the end; greedy
+output is the same as in one process.
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from hispec.config import ModelConfig
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.engine import EngineConfig, SpecEngine
+from hispec.pipeline.build import check_num_stages
 from hispec.speculation import Request, RequestStats, SamplingParams
-from hispec.speculation.hierarchy import METHODS, resolve_policy
+from hispec.speculation.hierarchy import METHODS, BatchPolicy, resolve_policy
 from hispec.speculation.request import cut_at_stop
 from hispec.speculation.text import StreamingText
 
@@ -74,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--compile", action="store_true", help="torch.compile the layer loop (slow start)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--pipeline-stages", type=int, default=1, metavar="S",
+                        help="split the layers over S stage actors on a local Ray instance started for the "
+                             "command (default 1: all layers in this process)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return parser
 
@@ -90,23 +101,26 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--max-new-tokens must be >= 0")
     except ValueError as error:
         parser.error(str(error))
+    if args.pipeline_stages > 1 and args.compile:
+        parser.error("--compile applies to the single-process engine (--pipeline-stages 1)")
     prompts = read_prompts(args)
     from transformers import AutoTokenizer
 
-    torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = load_model(args.model, dtype=args.dtype)
     try:
-        hierarchy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
+        policy = resolve_policy(args.method, ModelConfig.from_pretrained(args.model).num_layers, args.model,
+                                args.exits, args.budgets)
     except ValueError as error:
         parser.error(str(error))
-    if args.compile:
-        model.compile_layers()
+    try:
+        check_num_stages(policy, args.pipeline_stages)
+    except ValueError as error:
+        parser.error(f"--pipeline-stages: {error}")
+    torch.set_num_threads(args.threads)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
 
     def detokenize(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    engine = SpecEngine(model, hierarchy, config, detokenize=detokenize)
     stops = tuple(args.stop)
     requests = []
     for prompt in prompts:
@@ -117,20 +131,21 @@ def main(argv: list[str] | None = None) -> int:
                                     on_tokens=streamer.push if streamer else None))
         except ValueError as error:
             parser.error(str(error))
-    if len(prompts) == 1 and not args.json:
-        sys.stdout.write(prompts[0])
-    started = time.perf_counter()
-    try:
-        results = engine.generate(requests)
-    except ValueError as error:  # e.g. a prompt longer than the context
-        parser.error(str(error))
-    elapsed = time.perf_counter() - started
+    with open_engine(args, policy, config, detokenize) as engine:
+        if len(prompts) == 1 and not args.json:
+            sys.stdout.write(prompts[0])
+        started = time.perf_counter()
+        try:
+            results = engine.generate(requests)
+        except ValueError as error:  # e.g. a prompt longer than the context
+            parser.error(str(error))
+        elapsed = time.perf_counter() - started
 
     for prompt, request, result in zip(prompts, requests, results):
         text, _ = cut_at_stop(detokenize(result.token_ids), stops)
         if args.json:
             print(json.dumps({"prompt": prompt, "text": text, "token_ids": result.token_ids,
-                              "finish_reason": result.finish_reason, "stats": result.stats.to_dict(result.hierarchy or engine.hierarchy)}))
+                              "finish_reason": result.finish_reason, "stats": result.stats.to_dict(result.hierarchy or policy.choose(1))}))
         elif request.on_tokens is not None:
             request.on_tokens.__self__.finish(text)
             print(f"\n[finish_reason={result.finish_reason}]")
@@ -141,6 +156,24 @@ def main(argv: list[str] | None = None) -> int:
             stats = RequestStats.total(used, [r.stats for r in results if r.hierarchy == used])
             print(summary(used, stats, elapsed), file=sys.stderr)
     return 0
+
+
+@contextmanager
+def open_engine(args: argparse.Namespace, policy: BatchPolicy, config: EngineConfig, detokenize) -> Iterator[SpecEngine]:
+    """An engine over the whole model in this process or (--pipeline-stages S > 1) over S stage
+    actors of a local Ray instance that lives as long as the engine."""
+    if args.pipeline_stages == 1:
+        model = load_model(args.model, dtype=args.dtype)
+        if args.compile:
+            model.compile_layers()
+        yield SpecEngine(model, policy, config, detokenize=detokenize)
+        return
+    from hispec.pipeline.build import PipelinedEngine
+    from hispec.pipeline.local import local_ray, stage_cpus
+
+    with local_ray(stage_cpus(args.pipeline_stages)), PipelinedEngine.start(
+            args.model, policy, args.pipeline_stages, config, dtype=args.dtype, detokenize=detokenize) as pipelined:
+        yield pipelined.engine
 
 
 def summary(hierarchy, stats: RequestStats, elapsed: float) -> str:

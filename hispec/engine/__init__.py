@@ -3,7 +3,7 @@ and `SpecEngine`, which puts them together."""
 
 from hispec.config import EngineConfig
 from hispec.engine.engine import SpecEngine
-from hispec.engine.executor import Executor, LocalExecutor
+from hispec.engine.executor import Executor, ExecutorFailure, LocalExecutor
 from hispec.engine.scheduler import ForwardShape, Scheduler
 
-__all__ = ["EngineConfig", "Executor", "ForwardShape", "LocalExecutor", "Scheduler", "SpecEngine"]
+__all__ = ["EngineConfig", "Executor", "ExecutorFailure", "ForwardShape", "LocalExecutor", "Scheduler", "SpecEngine"]

@@ -21,6 +21,11 @@ from hispec.engine.stage import Stage, run_stage_plan
 from hispec.model.model import EarlyExitModel
 
 
+class ExecutorFailure(RuntimeError):
+    """The executor cannot run any more steps (e.g. a pipeline stage died): every request it held
+    is lost, and the engine must be rebuilt on a new executor."""
+
+
 class Executor(Protocol):
     model_config: ModelConfig
     num_slots: int

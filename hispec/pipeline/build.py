@@ -16,7 +16,7 @@ import torch
 from hispec.config import EngineConfig, ModelConfig
 from hispec.engine.engine import SpecEngine
 from hispec.pipeline.pipeline import Pipeline, PipelineExecutor, PipelineSpec, exits_of
-from hispec.pipeline.split import stage_bounds
+from hispec.pipeline.split import max_stages, stage_bounds
 from hispec.speculation.hierarchy import BatchPolicy
 
 
@@ -46,6 +46,17 @@ def measure_layer_costs(model_path: Path, dtype: str = "float32", tokens: int = 
         head.append(time.perf_counter() - started)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return [median(layer)] * config.num_layers, median(head)
+
+
+def check_num_stages(policy: BatchPolicy, num_stages: int) -> None:
+    """Raise ValueError unless `pipeline_spec` can cut the policy's model into `num_stages` stages."""
+    L = policy.choose(1).num_layers
+    deepest = max(exits_of(policy.hierarchies), default=None)
+    most = max_stages(L, deepest)
+    if not 1 <= num_stages <= most:
+        why = (f"stage 0 holds layers [0, {deepest}), up to the deepest exit; each other stage at least one "
+               f"of [{deepest}, {L})" if deepest else "at most one stage per layer")
+        raise ValueError(f"{num_stages} stages: between 1 and {most} for this {L}-layer model ({why})")
 
 
 def pipeline_spec(model_path: Path, policy: BatchPolicy, num_stages: int, num_slots: int, capacity: int, *,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hispec.config import ModelConfig
+from hispec.engine.executor import ExecutorFailure
 from hispec.engine.plan import KVSnapshot, StepPlan, StepResult
 from hispec.engine.transport import GroupAddress, Transport
 from hispec.pipeline.messages import Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest
@@ -28,7 +29,7 @@ from hispec.speculation.hierarchy import Hierarchy
 log = logging.getLogger(__name__)
 
 
-class PipelineError(RuntimeError):
+class PipelineError(ExecutorFailure):
     """A stage failed or became unreachable: the pipeline cannot run any more steps."""
 
 

@@ -45,6 +45,12 @@ def balanced_ranges(costs: Sequence[float], parts: int, offset: int = 0, tail_co
     return ranges[::-1]
 
 
+def max_stages(num_layers: int, verifier_exit: int | None) -> int:
+    """The most stages `stage_bounds` can cut: one per layer, and with exits, stage 0 holds all of
+    [0, e_v) (so at most 1 + L - e_v stages)."""
+    return num_layers - verifier_exit + 1 if verifier_exit else num_layers
+
+
 def stage_bounds(num_layers: int, num_stages: int, verifier_exit: int | None,
                  layer_costs: Sequence[float] | None = None, head_cost: float = 0.0) -> tuple[int, ...]:
     """Layer bounds (0, b_1, ..., L) of `num_stages` stages. `verifier_exit`: e_v, the deepest

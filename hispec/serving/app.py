@@ -11,5 +11,11 @@ from hispec.serving.ingress import HiSpecIngress
 
 def build_app(args: dict) -> Application:
     """Validates `args` (see AppArgs) once, here, and wires ingress -> engine."""
-    validated = AppArgs.model_validate(args or {}).model_dump(mode="json")
-    return HiSpecIngress.bind(HiSpecEngine.bind(validated), validated)
+    app_args = AppArgs.model_validate(args or {})
+    validated = app_args.model_dump(mode="json")
+    engine = HiSpecEngine
+    bundles = app_args.placement_bundles()
+    if bundles is not None:  # one replica = one pipeline: it reserves its stages' bundles with itself
+        engine = HiSpecEngine.options(placement_group_bundles=bundles, placement_group_strategy="PACK",
+                                      ray_actor_options={"num_cpus": app_args.replica_cpus})
+    return HiSpecIngress.bind(engine.bind(validated), validated)

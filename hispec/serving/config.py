@@ -38,6 +38,16 @@ class AppArgs(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of the engine replica "
                                       "(default: the replica's CPUs, at least 1)")
 
+    pipeline_stages: int = Field(1, ge=1, le=64, description="split the model by depth into this many stage "
+                                 "actors (stage 0: embeddings + layers up to the deepest exit; the rest by measured "
+                                 "cost); 1: one engine process holds the whole model")
+    stage_cpus: float = Field(0.5, gt=0, le=64, description="CPUs reserved per stage actor on CPU machines "
+                              "(fractional: stages share cores)")
+    stage_threads: int = Field(1, ge=1, le=256, description="torch / OpenMP threads of each stage actor")
+    stage_gpus: bool = Field(False, description="one GPU per stage (hidden rows over NCCL); needs device cuda or auto")
+    replica_cpus: float = Field(0.5, gt=0, le=64, description="with pipeline_stages > 1: CPUs of the engine replica "
+                                "(bundle 0 of its placement group; it runs the scheduler and drives the stages)")
+
     @field_validator("model")
     @classmethod
     def _checkpoint_exists(cls, model: Path) -> Path:
@@ -50,7 +60,23 @@ class AppArgs(BaseModel):
     def _hierarchy_shape(self) -> "AppArgs":
         if (self.exits or self.budgets) and self.method in ("auto", "ar"):
             raise ValueError(f"method {self.method} takes no exits/budgets")
+        if self.pipeline_stages > 1:
+            from hispec.config import ModelConfig
+
+            layers = ModelConfig.from_pretrained(self.model).num_layers
+            if self.pipeline_stages > layers:
+                raise ValueError(f"pipeline_stages {self.pipeline_stages} exceeds the model's {layers} layers")
+        if self.stage_gpus and self.device == "cpu":
+            raise ValueError("stage_gpus needs device cuda or auto")
         return self
+
+    def placement_bundles(self) -> list[dict[str, float]] | None:
+        """The engine replica's placement group: bundle 0 for the replica (CPU only: its stage actors
+        hold the GPUs), one bundle per stage. None for a single-process engine."""
+        if self.pipeline_stages == 1:
+            return None
+        stage = {"CPU": 1.0, "GPU": 1.0} if self.stage_gpus else {"CPU": self.stage_cpus}
+        return [{"CPU": self.replica_cpus}] + [dict(stage) for _ in range(self.pipeline_stages)]
 
     @property
     def served_name(self) -> str:

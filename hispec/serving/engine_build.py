@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from hispec.config import ModelConfig
 from hispec.model import load_model
 from hispec.serving.config import AppArgs
 from hispec.engine import EngineConfig, SpecEngine
 from hispec.speculation import resolve_policy
+
+if TYPE_CHECKING:
+    from hispec.pipeline import PipelineConnection, PipelineSpec
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +26,9 @@ def detokenizer(tokenizer) -> Callable[[Sequence[int]], str]:
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def build_engine(args: AppArgs) -> SpecEngine:
-    """The model, its tuned (or requested) decoding policy and a tokenizer for stop strings."""
+def build_engine(args: AppArgs, connection: "PipelineConnection | None" = None) -> SpecEngine:
+    """The model, its tuned (or requested) decoding policy and a tokenizer for stop strings.
+    With a `connection`, the engine drives that pipeline's stage actors instead of holding the model."""
     from transformers import AutoTokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -30,10 +36,30 @@ def build_engine(args: AppArgs) -> SpecEngine:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    config = ModelConfig.from_pretrained(args.model)
+    policy = resolve_policy(args.method, config.num_layers, args.model, args.exits, args.budgets)
+    engine_config = EngineConfig(args.max_batch_size, args.max_context)
+    if connection is not None:
+        from hispec.pipeline import PipelineExecutor
+
+        engine = SpecEngine(PipelineExecutor(connection), policy, engine_config, detokenize=detokenizer(tokenizer))
+        log.info("engine driving a pipeline of %d stages %s", len(connection.stage_ranges), connection.stage_ranges)
+        return engine
     model = load_model(args.model, dtype=args.dtype, device=device)
-    policy = resolve_policy(args.method, model.config.num_layers, args.model, args.exits, args.budgets)
-    engine = SpecEngine(model, policy, EngineConfig(args.max_batch_size, args.max_context),
-                        detokenize=detokenizer(tokenizer))
+    engine = SpecEngine(model, policy, engine_config, detokenize=detokenizer(tokenizer))
     log.info("engine built on %s with %d torch threads, %s layer loop", device, torch.get_num_threads(),
              "C++" if model.native_layers else "Python")
     return engine
+
+
+def pipeline_spec_for(args: AppArgs) -> "PipelineSpec":
+    """The pipeline a replica reserves for `args` (stage split measured on this machine)."""
+    from hispec.pipeline.build import pipeline_spec
+
+    config = ModelConfig.from_pretrained(args.model)
+    policy = resolve_policy(args.method, config.num_layers, args.model, args.exits, args.budgets)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and args.stage_gpus) else "cpu"
+    return pipeline_spec(args.model, policy, args.pipeline_stages, args.max_batch_size,
+                         EngineConfig(args.max_batch_size, args.max_context).capacity(config.max_position_embeddings),
+                         dtype=args.dtype, device=device, cpus_per_stage=args.stage_cpus,
+                         threads_per_stage=args.stage_threads)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from hispec.serving.config import AppArgs
-from hispec.serving.engine_build import build_engine, detokenizer
+from hispec.serving.engine_build import build_engine, detokenizer, pipeline_spec_for
 from hispec.serving.engine_loop import Failed
 from hispec.serving.engine_process import EngineProcess
 from hispec.serving.messages import Chunk, EngineInfo
@@ -48,13 +48,61 @@ class HiSpecEngine:
         self._detokenize = detokenizer(AutoTokenizer.from_pretrained(self.args.model))
         self.metrics = EngineMetrics()
         self.gpus = GpuMonitor()
-        self.engine = EngineProcess(functools.partial(build_engine, self.args), on_step=self.metrics.observe_load).start()
+        self.pipeline = None  # with pipeline_stages > 1: the stage actors in this replica's placement group
+        self._rebuilding = asyncio.Lock()
+        self.engine = self._start_engine()
         summary = self.engine.summary
         self.info = EngineInfo(self.args.served_name, summary.num_layers, summary.vocab_size, self.args.max_batch_size,
                                [summary.policy],
                                Limits(summary.capacity, summary.vocab_size, self.args.default_max_new_tokens,
                                       self.args.max_prompt_chars, self.args.max_stop_strings))
         log.info("engine ready (process %s): %s, policy %s", self.engine.pid, self.args.model, summary.policy)
+
+    def _start_engine(self) -> EngineProcess:
+        """The engine process; with pipeline_stages > 1, first the stage actors it drives (in bundles
+        1..S of this replica's placement group; bundle 0 holds the replica)."""
+        connection = None
+        if self.args.pipeline_stages > 1:
+            import ray
+
+            from hispec.pipeline import Pipeline
+
+            self.pipeline = Pipeline.create(pipeline_spec_for(self.args),
+                                            placement_group=ray.util.get_current_placement_group(), first_bundle=1)
+            connection = self.pipeline.connection
+        try:
+            return EngineProcess(functools.partial(build_engine, self.args, connection),
+                                 on_step=self.metrics.observe_load).start()
+        except BaseException:
+            if self.pipeline is not None:
+                self.pipeline.shutdown()
+            raise
+
+    def _pipeline_down(self) -> str | None:
+        """Why the pipeline cannot serve (its engine process exited or a stage died), or None."""
+        if self.pipeline is None:
+            return None
+        if not self.engine.alive:
+            return "the engine process stopped"
+        return self.pipeline.failure()
+
+    async def _ensure_engine(self) -> None:
+        """Rebuild the pipeline and its engine process in place when a stage or the engine died
+        (requests that ran on it have already ended with the error; new ones wait for the rebuild)."""
+        if self._pipeline_down() is None:
+            return
+        async with self._rebuilding:
+            reason = self._pipeline_down()
+            if reason is None:
+                return
+            log.warning("pipeline down (%s): rebuilding it", reason)
+            await asyncio.to_thread(self._rebuild)
+            log.info("pipeline rebuilt: %s", self.pipeline.spec.stage_ranges())
+
+    def _rebuild(self) -> None:
+        self.engine.stop(timeout_s=5)
+        self.pipeline.shutdown()
+        self.engine = self._start_engine()
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[Chunk]:
         """Streams the continuation of `prompt_ids` (called with `handle.options(stream=True)`)."""
@@ -63,6 +111,7 @@ class HiSpecEngine:
         request = Request(prompt_ids, params.new_tokens_for(len(prompt_ids), self.info.limits, "max_new_tokens"),
                           params.sampling, stop_strings=params.stop, request_id=uuid.uuid4().hex)
         text = StreamingText(self._detokenize, params.stop)
+        await self._ensure_engine()
         started = last = time.perf_counter()
         finished = False
         self.engine.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
@@ -119,8 +168,10 @@ class HiSpecEngine:
         snap = self.engine.snapshot()
         return {"serving": self.engine.alive, "active_sequences": snap.active, "queued_requests": snap.queued}
 
-    def check_health(self) -> None:
-        """Serve restarts the replica when this raises."""
+    async def check_health(self) -> None:
+        """Serve restarts the replica when this raises. A pipeline is rebuilt in place instead."""
+        if self.pipeline is not None:
+            await self._ensure_engine()
         if not self.engine.alive:
             raise RuntimeError("the engine process has stopped")
 
@@ -128,6 +179,9 @@ class HiSpecEngine:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
+        pipeline = getattr(self, "pipeline", None)
+        if pipeline is not None:
+            pipeline.shutdown()
         gpus = getattr(self, "gpus", None)
         if gpus is not None:
             gpus.stop()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hispec.engine import SpecEngine
+from hispec.engine import ExecutorFailure, SpecEngine
 from hispec.speculation.request import GenerationResult, Request
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,12 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except ExecutorFailure as error:  # e.g. a pipeline stage died: nothing more can run here
+            log.error("engine executor failed; failing %d requests and stopping: %s", len(self._sinks), error)
+            self._fail_all(error)
+            with self._wakeup:
+                self._stopping = True  # the loop ends; its owner rebuilds the engine
+            return
         except Exception as error:  # a bug, or out of memory: fail what ran, keep serving the rest
             log.exception("engine step failed; aborting %d running requests", len(self._sinks))
             self._fail_all(error)

@@ -207,8 +207,10 @@ def _child_main(build_engine: Callable[[], SpecEngine], commands: Connection, ev
         events.send(("failed", _picklable(error)))
         return
     events.send(("ready", EngineSummary.of(loop.engine)))
-    while True:
+    while loop.alive:
         try:
+            if not commands.poll(0.5):  # wake up now and then: the loop may have stopped on an executor failure
+                continue
             kind, payload = commands.recv()
         except (EOFError, OSError):  # the replica is gone
             break

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from hispec.engine.executor import ExecutorFailure
 from hispec.rpc import hispec_pb2 as pb
 from hispec.serving import grpc_api
 from hispec.serving.config import AppArgs
@@ -39,6 +40,18 @@ async def _bad_json(request: Request, error: RequestValidationError) -> JSONResp
     first = error.errors()[0]
     param = field_path(CompletionRequest, first["loc"][1:]) if first["loc"][:1] == ("body",) else None
     return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param), status_code=400)
+
+
+@http_app.exception_handler(ExecutorFailure)
+async def _unavailable(request, error: ExecutorFailure) -> JSONResponse:
+    return JSONResponse(error_body(f"engine unavailable, retry: {_message(error)}", None, "unavailable"), status_code=503)
+
+
+def _message(error: BaseException) -> str:
+    """What went wrong, without Ray's wrapping: an error raised in the engine replica arrives as a
+    RayTaskError whose text is a whole traceback; its `cause` is the exception itself."""
+    cause = getattr(error, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else error)
 
 
 @http_app.exception_handler(InvalidArgument)
@@ -96,11 +109,14 @@ class HiSpecIngress:
     def _grpc_error(self, context: RayServegRPCContext, method: str, error: Exception) -> None:
         if isinstance(error, InvalidArgument):
             code = grpc.StatusCode.INVALID_ARGUMENT
+        elif isinstance(error, ExecutorFailure):  # e.g. a pipeline stage died; the replica rebuilds it
+            code = grpc.StatusCode.UNAVAILABLE
+            log.error("gRPC %s: engine unavailable: %s", method, error)
         else:
             code = grpc.StatusCode.INTERNAL
             log.exception("gRPC %s failed", method, exc_info=error)
         context.set_code(code)
-        context.set_details(str(error))
+        context.set_details(_message(error))
         self.metrics.failed("grpc", method, code.name)
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
