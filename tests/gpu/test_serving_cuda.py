@@ -1,5 +1,6 @@
 """deploy/hispec-gpu.yaml on a CUDA machine (skipped without CUDA): the engine replica takes the
-GPU, answers like the engine does in-process, and reports GPU metrics."""
+GPU, answers exactly what plain greedy decoding of the full model gives (fp32, so no reduced-precision
+shape effects), and reports GPU metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import grpc
 import pytest
 import requests
 import torch
+import yaml
 from transformers import AutoTokenizer
 
 from hispec.bench.prompts import bundled_heldout_prompts
@@ -18,8 +20,7 @@ from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
-from hispec.engine import EngineConfig, SpecEngine
-from hispec.speculation import Request, resolve_policy
+from hispec.model.greedy import greedy_generate
 from tests.serve_process import running_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
@@ -29,16 +30,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 def test_gpu_config_serves_on_cuda(tmp_path):
     prompts = bundled_heldout_prompts()[:3]
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
-    model = load_model(DEFAULT_MODEL, dtype="bfloat16", device="cuda")
-    policy = resolve_policy("auto", model.config.num_layers, DEFAULT_MODEL)
-    expected = []
-    for prompt in prompts:  # one at a time, as the server will see them
-        engine = SpecEngine(model, policy, EngineConfig(max_batch_size=64))
-        expected.append(engine.generate([Request(tokenizer(prompt)["input_ids"], 32)])[0].token_ids)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = load_model(DEFAULT_MODEL, dtype="float32", device="cuda")
+    expected = [greedy_generate(model, tokenizer(prompt)["input_ids"], 32)[0] for prompt in prompts]
     del model
     torch.cuda.empty_cache()
+    config = yaml.safe_load(Path("deploy/hispec-gpu.yaml").read_text())
+    config["applications"][0]["args"]["dtype"] = "float32"
+    fp32_config = tmp_path / "hispec-gpu-fp32.yaml"
+    fp32_config.write_text(yaml.safe_dump(config))
 
-    with running_server("deploy/hispec-gpu.yaml", tmp_path / "serve.log") as server:
+    with running_server(str(fp32_config), tmp_path / "serve.log") as server:
         with grpc.insecure_channel(server.grpc) as channel:
             stub = rpc.HiSpecStub(channel)
             for prompt, ids in zip(prompts, expected):
