@@ -12,7 +12,7 @@ from hispec.serving.config import AppArgs
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["hispec.yaml", "hispec-gpu.yaml"])
+@pytest.mark.parametrize("name", ["hispec.yaml", "hispec-gpu.yaml", "hispec-pipeline.yaml"])
 def test_serve_config_validates_and_builds(name):
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text()))
     assert config.grpc_options.port == 9000 and config.http_options.port == 8000
@@ -34,3 +34,22 @@ def test_bad_args_are_refused_by_name():
         AppArgs(method="ar", exits=(2,))
     with pytest.raises(ValueError, match="frobnicate"):
         build_app({"frobnicate": 1})
+
+
+def test_pipeline_args_reserve_one_bundle_per_stage():
+    args = AppArgs(pipeline_stages=3, stage_cpus=0.25, replica_cpus=0.5)
+    assert args.placement_bundles() == [{"CPU": 0.5}, {"CPU": 0.25}, {"CPU": 0.25}, {"CPU": 0.25}]
+    gpu = AppArgs(pipeline_stages=2, stage_gpus=True, device="cuda")
+    assert gpu.placement_bundles() == [{"CPU": 0.5}, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
+    assert "GPU" not in gpu.placement_bundles()[0]  # the replica never holds a GPU its stages need
+    assert AppArgs().placement_bundles() is None
+    app = build_app({"pipeline_stages": 2})
+    engine = app._bound_deployment.init_args[0]._bound_deployment  # noqa: SLF001 - what Serve will deploy
+    assert engine._replica_config.placement_group_bundles == [{"CPU": 0.5}] * 3  # noqa: SLF001
+    assert engine._replica_config.ray_actor_options["num_cpus"] == 0.5  # fits bundle 0  # noqa: SLF001
+    with pytest.raises(ValueError, match="pipeline_stages"):
+        AppArgs(pipeline_stages=17)  # the bundled model has 16 layers
+    with pytest.raises(ValueError, match="pipeline_stages"):
+        AppArgs(pipeline_stages=0)
+    with pytest.raises(ValueError, match="stage_gpus"):
+        AppArgs(pipeline_stages=2, stage_gpus=True, device="cpu")
