@@ -7,7 +7,7 @@ import pytest
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed
-from hispec.engine import EngineConfig, SpecEngine
+from hispec.engine import EngineConfig, ExecutorFailure, SpecEngine
 from hispec.speculation import Hierarchy, Request, SamplingParams
 from tests.unit.spec_helpers import collect, drain, random_prompts
 from tests.unit.tiny_checkpoints import make_checkpoint
@@ -100,6 +100,31 @@ def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(checkpoint
         assert isinstance(failed, Failed) and "boom" in str(failed.error)
         tokens, result = drain(collect(loop, Request([1, 2, 3], 6, stop_token_ids=())))
         assert len(tokens) == 6 and engine.num_running == 0 and sorted(engine.free_slots) == [0, 1, 2]
+    finally:
+        loop.stop()
+
+
+def test_an_executor_failure_fails_every_request_and_stops_the_loop(checkpoint):
+    """A dead executor (e.g. a pipeline stage died) cannot run anything more: every request the loop
+    holds ends with that error at once and the loop stops, so its owner rebuilds the engine."""
+    loop = start_loop(checkpoint)
+    try:
+        executor = loop.engine.executor
+        original, calls = executor.execute, {"n": 0}
+
+        def dying_execute(plan):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise ExecutorFailure("stage 1 is unreachable")
+            return original(plan)
+
+        executor.execute = dying_execute
+        streams = [collect(loop, Request([1, 2, 3 + i], 200, stop_token_ids=())) for i in range(3)]
+        for events in streams:
+            _, failed = drain(events, timeout=10)
+            assert isinstance(failed, Failed) and isinstance(failed.error, ExecutorFailure)
+        loop._thread.join(10)  # noqa: SLF001
+        assert not loop.alive
     finally:
         loop.stop()
 
