@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 HTTP_PORT, GRPC_PORT = 8000, 9000  # what the configs in deploy/ set
@@ -25,6 +27,7 @@ class Server:
     http: str
     grpc: str
     log: Path
+    pid: int | None = None  # the `serve run` process (its Ray cluster's processes descend from it)
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -54,10 +57,40 @@ def _ready(http: str, grpc_target: str) -> bool:
         return False
 
 
+def _config_on_ports(config: str, http_port: int | None, grpc_port: int | None,
+                     tmp: Path) -> tuple[str, int, int]:
+    """(config to run, its HTTP port, its gRPC port): `config` itself, or a copy of it in `tmp`
+    with the requested ports where they differ from its own."""
+    with open(ROOT / config) as f:
+        spec = yaml.safe_load(f)
+    own_http = spec.get("http_options", {}).get("port", HTTP_PORT)
+    own_grpc = spec.get("grpc_options", {}).get("port", GRPC_PORT)
+    http_port = own_http if http_port is None else http_port
+    grpc_port = own_grpc if grpc_port is None else grpc_port
+    if (http_port, grpc_port) == (own_http, own_grpc):
+        return config, http_port, grpc_port
+    spec.setdefault("http_options", {})["port"] = http_port
+    spec.setdefault("grpc_options", {})["port"] = grpc_port
+    copy = tmp / Path(config).name
+    copy.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(copy), http_port, grpc_port
+
+
 @contextlib.contextmanager
-def running_server(config: str, log: Path) -> Iterator[Server]:
-    """Starts `serve run config` (a local Ray cluster of its own) and stops it on exit."""
-    busy = [p for p in (HTTP_PORT, GRPC_PORT) if not _port_free(p)]
+def running_server(config: str, log: Path, http_port: int | None = None,
+                   grpc_port: int | None = None) -> Iterator[Server]:
+    """Starts `serve run config` (a local Ray cluster of its own) and stops it on exit. With
+    `http_port`/`grpc_port`, serves on those instead of the config's (from a copy of the config),
+    so that a second server can run beside one on the usual ports."""
+    with tempfile.TemporaryDirectory(prefix="hispec-serve-") as tmp:
+        config, http_port, grpc_port = _config_on_ports(config, http_port, grpc_port, Path(tmp))
+        with _serve(config, log, http_port, grpc_port) as server:
+            yield server
+
+
+@contextlib.contextmanager
+def _serve(config: str, log: Path, http_port: int, grpc_port: int) -> Iterator[Server]:
+    busy = [p for p in (http_port, grpc_port) if not _port_free(p)]
     if busy:
         raise ServerFailed(f"ports {busy} are in use: stop the server holding them (e.g. `serve shutdown`) first")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -65,7 +98,7 @@ def running_server(config: str, log: Path) -> Iterator[Server]:
     with open(log, "wb") as out:
         process = subprocess.Popen([str(serve), "run", config], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{HTTP_PORT}", f"127.0.0.1:{GRPC_PORT}", log)
+    server = Server(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log, process.pid)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _ready(server.http, server.grpc):
