@@ -28,7 +28,8 @@ class StageFailure:
 
     stage: int
     layer_range: tuple[int, int]
-    error: str  # the exception and its traceback, as text
+    error: str  # the exception, one line
+    traceback: str = ""  # where it was raised (logged by the driver, not sent to clients)
 
 
 @dataclass

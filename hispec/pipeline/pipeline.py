@@ -226,11 +226,12 @@ class PipelineExecutor:
                 reply = self.transport.recv_object(rank)
                 if isinstance(reply, StageFailure):
                     lo, hi = reply.layer_range
-                    raise PipelineError(f"stage {reply.stage} (layers [{lo}, {hi})) failed:\n{reply.error}")
+                    log.error("stage %d (layers [%d, %d)) failed:\n%s", reply.stage, lo, hi, reply.traceback)
+                    raise PipelineError(f"stage {reply.stage} (layers [{lo}, {hi})) failed: {reply.error}")
                 replies.append(reply)
             return replies
         except PipelineError as error:
-            self._broken = str(error).splitlines()[0]
+            self._broken = str(error)
             raise
         except Exception as error:  # a closed connection: a stage process died
             where = f"stage {rank - 1}" if rank else "a stage"

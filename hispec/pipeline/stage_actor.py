@@ -115,8 +115,9 @@ class StageActor:
                     moving = times.transport
                     try:
                         reply = self._handle(message, link)
-                    except Exception:  # noqa: BLE001 - the driver raises it; this stage is now unusable
-                        reply = StageFailure(self.spec.index, self.spec.layer_range, traceback.format_exc())
+                    except Exception as error:  # noqa: BLE001 - the driver raises it; this stage is now unusable
+                        reply = StageFailure(self.spec.index, self.spec.layer_range, _one_line(error),
+                                             traceback.format_exc())
                     sent = time.perf_counter()
                     times.busy += (sent - started) - (times.transport - moving)  # rows moved count as transport
                     transport.send_object(reply, 0)
@@ -140,3 +141,9 @@ class StageActor:
                 self.times.__init__()
             return snapshot
         raise TypeError(f"unknown control message {type(message).__name__}")
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: first line of the message` (gloo's messages run to several lines of advice)."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
