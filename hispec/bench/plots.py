@@ -10,20 +10,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _pipelined(name: str) -> bool:
+    """A `<method>-pp<S>` row of `hispec bench --pipeline-stages S`."""
+    return "-pp" in name
+
+
 def tokens_per_second(results: dict, path: Path) -> None:
     methods = results["methods"]
     names = list(methods)
     speeds = [methods[n]["tokens_per_s"] for n in names]
     predicted = [methods[n].get("predicted_tokens_per_s") for n in names]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bars = ax.bar(names, speeds, color=["#4c72b0" if methods[n]["identical_to_ar"] else "#c44e52" for n in names])
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(names)), 4))
+    colors = ["#c44e52" if not methods[n]["identical_to_ar"] else "#55a868" if _pipelined(n) else "#4c72b0"
+              for n in names]
+    bars = ax.bar(names, speeds, color=colors)
     for name_index, value in enumerate(predicted):
         if value:
             ax.plot([name_index - 0.4, name_index + 0.4], [value, value], color="black", linestyle="--", linewidth=1)
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("tokens / s (median)")
+    stages = results["config"].get("pipeline_stages", 1)
     ax.set_title(f"batch 1, {results['config']['num_prompts']} prompts x {results['config']['max_new_tokens']} tokens "
-                 "(dashed: cost model)", fontsize=9)
+                 "(dashed: cost model" + (f"; green: {stages} pipeline stages" if stages > 1 else "") + ")", fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -33,7 +42,7 @@ def acceptance(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, entry in results["methods"].items():
         levels = entry.get("acceptance") or {}
-        if levels:
+        if levels and not _pipelined(name):  # a pipelined row accepts what its single-process method does
             ax.plot(list(levels), list(levels.values()), marker="o", label=f"{name} ({entry.get('hierarchy', '')})")
     ax.set_xlabel("verifying exit layer")
     ax.set_ylabel("acceptance rate of proposals")
@@ -49,8 +58,12 @@ def throughput_vs_batch(results: dict, path: Path) -> None:
     by_batch = results["batch_sizes"]
     sizes = sorted(int(b) for b in by_batch)
     names = sorted({m for entry in by_batch.values() for m in entry})
+    colors = {}
     for name in names:
-        ax.plot(sizes, [by_batch[str(b)][name]["tokens_per_s"] for b in sizes], marker="o", label=name)
+        base = name.split("-pp")[0]
+        color = colors.setdefault(base, f"C{len(colors)}")
+        ax.plot(sizes, [by_batch[str(b)][name]["tokens_per_s"] for b in sizes], marker="o", label=name, color=color,
+                linestyle="--" if _pipelined(name) else "-")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("batch size")

@@ -2,11 +2,15 @@
 
     hispec bench --out docs/bench                  # bundled model, its held-out prompts
     hispec bench --prompts p.jsonl --methods ar,hispec --batch-sizes 1,8 --repeats 5 --out runs/b
+    hispec bench --pipeline-stages 2 --out runs/pp    # also ar-pp2, layerskip-pp2, hispec-pp2
 
 Greedy. Repetitions are interleaved (A B C A B C ...) and medians reported, because this machine
-is noisy. Every method's output is checked against our autoregressive decoding. Our methods are
-also priced by the cost model (measured / predicted = how close the engine runs to what the
-algorithm needs with this runtime). Writes OUT/results.json and PNG plots.
+is noisy. Every method's output is checked against our autoregressive decoding, every repetition.
+Our methods are also priced by the cost model (measured / predicted = how close the engine runs to
+what the algorithm needs with this runtime). With --pipeline-stages S > 1 each of our methods also
+runs on a pipeline of S stage actors (a local Ray instance started for the run; rows
+`<method>-pp<S>` beside the others), with each stage's busy / transport / idle time and the bytes
+moved per committed token. Writes OUT/results.json and PNG plots.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import argparse
 import json
 import statistics
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +32,11 @@ from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.engine import EngineConfig, SpecEngine
+from hispec.engine.plan import StepPlan
+from hispec.pipeline import stage_timing_report
+from hispec.pipeline.messages import StageTimes
 from hispec.speculation import Request, RequestStats, resolve_hierarchy
+from hispec.speculation.hierarchy import BatchPolicy
 
 OURS = ("ar", "layerskip", "hispec")
 HF = ("hf", "hf-early-exit")
@@ -50,8 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--draft-vocab", type=int, help="proposals below the target score tokens [0, N) only "
                                                         "(EngineConfig.draft_vocab; default: the full head)")
+    parser.add_argument("--pipeline-stages", type=int, default=1, metavar="S",
+                        help="also run our methods on S stage actors of a local Ray instance (rows <method>-pp<S>; "
+                             "default 1: single process only)")
     parser.add_argument("--out", type=Path, required=True)
     return parser
+
+
+def pipelined_name(method: str, stages: int) -> str:
+    return f"{method}-pp{stages}"
+
+
+def base_method(name: str) -> tuple[str, str]:
+    """("hispec", "-pp2") for "hispec-pp2", ("hispec", "") for "hispec"."""
+    base, sep, stages = name.partition("-pp")
+    return base, sep + stages
 
 
 def read_prompts(path: Path, count: int) -> list[str]:
@@ -70,6 +93,84 @@ class OurMethod:
         return time.perf_counter() - started, [r.token_ids for r in results], engine
 
 
+@dataclass
+class PipelineRun:
+    """What one timed run of a pipelined method cost, beside its wall time."""
+
+    seconds: float
+    new_tokens: int
+    stage_times: list[StageTimes]  # reset before the run, read after it
+    plan_bytes: int  # control bytes the driver sent (plans to every stage)
+    steps: int  # control round trips (one plan out, one reply back per stage)
+    hops: int  # hidden-row messages between neighbouring stages
+
+
+class _CountingExecutor:
+    """A pipeline's executor, counting the steps it runs and the stage boundaries their forwards
+    cross (one hidden-row message each: rows computed below a boundary, or a ring read at it)."""
+
+    def __init__(self, executor, bounds: tuple[int, ...]) -> None:
+        self.executor, self.inner_bounds = executor, bounds[1:-1]
+        self.model_config, self.num_slots, self.capacity = executor.model_config, executor.num_slots, executor.capacity
+        self.steps = self.hops = 0
+
+    def execute(self, plan: StepPlan):
+        self.steps += 1
+        self.hops += sum(f.lo <= b < f.hi for f in plan.forwards for b in self.inner_bounds)
+        return self.executor.execute(plan)
+
+    def snapshot(self, with_tensors: bool = False):
+        return self.executor.snapshot(with_tensors)
+
+    def close(self) -> None:  # the pipeline outlives the engines of single runs
+        pass
+
+
+class PipelinedMethod:
+    """One of our methods on a pipeline of stage actors, started once with a KV slot per sequence
+    of the largest batch. Each run is a fresh engine on its executor; the stages' counters are
+    reset before and read after the timed part (`last_run`)."""
+
+    def __init__(self, pipelined, hierarchy, draft_vocab=None):
+        self.pipelined, self.hierarchy, self.draft_vocab = pipelined, hierarchy, draft_vocab
+        self.bounds = pipelined.pipeline.spec.bounds
+        self.last_run: PipelineRun | None = None
+
+    def run(self, prompt_ids, max_new, batch_size):
+        executor = self.pipelined.executor
+        counting = _CountingExecutor(executor, self.bounds)
+        engine = SpecEngine(counting, self.hierarchy, EngineConfig(max_batch_size=batch_size, draft_vocab=self.draft_vocab))
+        # Reset twice: a stage adds the transport seconds it had before a reset to its busy time
+        # (StageActor.serve measures a message's transport as a difference across the reset); the
+        # second reset leaves only the first one's reply (~0.1 ms) in the counters.
+        executor.stage_times(reset=True)
+        executor.stage_times(reset=True)
+        plan_bytes = executor.plan_bytes
+        started = time.perf_counter()
+        results = engine.generate([Request(ids, max_new) for ids in prompt_ids])
+        elapsed = time.perf_counter() - started
+        tokens = [r.token_ids for r in results]
+        self.last_run = PipelineRun(elapsed, sum(map(len, tokens)), executor.stage_times(),
+                                    executor.plan_bytes - plan_bytes, counting.steps, counting.hops)
+        return elapsed, tokens, engine
+
+
+def start_pipelines(stack: ExitStack, args, hierarchies: dict) -> dict[str, PipelinedMethod]:
+    """`<method>-pp<S>` for each of our methods: a pipeline of S stage actors each, all on one local
+    Ray instance; `stack` closes them and the instance."""
+    from hispec.pipeline.build import PipelinedEngine
+    from hispec.pipeline.local import local_ray, stage_cpus
+
+    stages = args.pipeline_stages
+    stack.enter_context(local_ray(stage_cpus(stages, len(hierarchies))))  # the pipelines take turns
+    config = EngineConfig(max_batch_size=max(args.batch_sizes), draft_vocab=args.draft_vocab)
+    methods = {}
+    for name, hierarchy in hierarchies.items():
+        pipelined = stack.enter_context(PipelinedEngine.start(args.model, BatchPolicy.fixed(hierarchy), stages, config))
+        methods[pipelined_name(name, stages)] = PipelinedMethod(pipelined, hierarchy, args.draft_vocab)
+    return methods
+
+
 class HFMethod:
     def __init__(self, hf_model, eos, pad, early_exit=None):
         self.hf, self.eos, self.pad, self.early_exit = hf_model, eos, pad, early_exit
@@ -83,6 +184,45 @@ class HFMethod:
                                    eos_token_id=self.eos, pad_token_id=self.pad, **extra)
             outputs.append(out[0, len(ids):].tolist())
         return time.perf_counter() - started, outputs, None
+
+
+@dataclass
+class Timings:
+    """Every timed run, by (method, batch size), repetitions in order."""
+
+    seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
+    outputs: dict[tuple[str, int], list[list[list[int]]]] = field(default_factory=dict)  # per run: tokens per prompt
+    engines: dict[tuple[str, int], SpecEngine] = field(default_factory=dict)  # ours: the last run's engine
+    efficiency: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per run: its model work / wall time
+    pipeline_runs: dict[tuple[str, int], list[PipelineRun]] = field(default_factory=dict)
+
+
+def time_interleaved(methods: dict, runs: list[tuple[str, int]], repeats: int, prompt_ids, max_new: int,
+                     model, costs: CostTable) -> Timings:
+    """`repeats` rounds of `runs` (method, batch size), interleaved: A B C A B C ... Our
+    single-process runs are timed per forward shape as well (the cost model's samples)."""
+    for method in methods.values():  # warm-up: first calls pay one-time costs
+        method.run(prompt_ids[:2], 16, 1)
+    timings = Timings()
+    progress = tqdm(total=repeats * len(runs), desc="bench", unit="run")
+    with costs.recording(model):  # per-shape costs of our forwards, timed where they run
+        for _ in range(repeats):
+            for name, batch in runs:
+                progress.set_postfix_str(f"{name} batch {batch}")
+                mark = costs.mark()
+                elapsed, tokens, engine = methods[name].run(prompt_ids, max_new, batch)
+                key = (name, batch)
+                timings.seconds.setdefault(key, []).append(elapsed)
+                timings.outputs.setdefault(key, []).append(tokens)
+                if engine is not None:
+                    timings.engines[key] = engine
+                if isinstance(methods[name], PipelinedMethod):  # its forwards ran in the stage actors
+                    timings.pipeline_runs.setdefault(key, []).append(methods[name].last_run)
+                elif engine is not None:
+                    timings.efficiency.setdefault(key, []).append(costs.since(mark).price(engine.forward_log) / elapsed)
+                progress.update()
+    progress.close()
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,69 +240,58 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     eos = list(model.config.eos_token_ids)
     hierarchies = {m: resolve_hierarchy(m, L, args.model) for m in OURS if m in args.methods}
-    methods = {m: OurMethod(model, h, args.draft_vocab) for m, h in hierarchies.items()}
-    if set(HF) & set(args.methods):
-        hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        if "hf" in args.methods:
-            methods["hf"] = HFMethod(hf_model, eos, tokenizer.pad_token_id)
-        if "hf-early-exit" in args.methods:
-            hf_exit, hf_sweep = args.hf_exit, None
-            if hf_exit is None:
-                hf_exit, hf_sweep = best_hf_exit(hf_model, eos, tokenizer.pad_token_id, prompt_ids, L)
-            methods["hf-early-exit"] = HFMethod(hf_model, eos, tokenizer.pad_token_id, early_exit=hf_exit)
-    costs = CostTable()
+    check_pipeline_stages(args.pipeline_stages, hierarchies)
+    with ExitStack() as pipelines:
+        methods = {m: OurMethod(model, h, args.draft_vocab) for m, h in hierarchies.items()}
+        if args.pipeline_stages > 1:
+            pipelined = start_pipelines(pipelines, args, hierarchies)
+            methods |= pipelined
+            hierarchies |= {name: method.hierarchy for name, method in pipelined.items()}
+        if set(HF) & set(args.methods):
+            hf_model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+            if "hf" in args.methods:
+                methods["hf"] = HFMethod(hf_model, eos, tokenizer.pad_token_id)
+            if "hf-early-exit" in args.methods:
+                hf_exit, hf_sweep = args.hf_exit, None
+                if hf_exit is None:
+                    hf_exit, hf_sweep = best_hf_exit(hf_model, eos, tokenizer.pad_token_id, prompt_ids, L)
+                methods["hf-early-exit"] = HFMethod(hf_model, eos, tokenizer.pad_token_id, early_exit=hf_exit)
+        costs = CostTable()
+        runs = [(m, 1) for m in methods] + [(m, b) for b in args.batch_sizes if b > 1 for m in hierarchies]
+        timings = time_interleaved(methods, runs, args.repeats, prompt_ids, args.max_new_tokens, model, costs)
 
-    for method in methods.values():  # warm-up: first calls pay one-time costs
-        method.run(prompt_ids[:2], 16, 1)
-    batch_runs = [(b, m) for b in args.batch_sizes if b > 1 for m in hierarchies]
-    progress = tqdm(total=args.repeats * (len(methods) + len(batch_runs)), desc="bench", unit="run")
-    times: dict[tuple[str, int], list[float]] = {}
-    outputs: dict[tuple[str, int], list[list[int]]] = {}
-    engines: dict[tuple[str, int], SpecEngine] = {}
-    efficiency: dict[tuple[str, int], list[float]] = {}  # per run: its model work / its wall time
-    with costs.recording(model):  # per-shape costs of our forwards, timed where they run
-        for repeat, name, batch in [(r, m, b) for r in range(args.repeats)  # interleaved: A B C A B C ...
-                                    for m, b in [(m, 1) for m in methods] + [(m, b) for b, m in batch_runs]]:
-            progress.set_postfix_str(f"{name} batch {batch}")
-            mark = costs.mark()
-            elapsed, tokens, engine = methods[name].run(prompt_ids, args.max_new_tokens, batch)
-            times.setdefault((name, batch), []).append(elapsed)
-            outputs[(name, batch)] = tokens
-            if engine is not None:
-                engines[(name, batch)] = engine
-                efficiency.setdefault((name, batch), []).append(costs.since(mark).price(engine.forward_log) / elapsed)
-            progress.update()
-    progress.close()
-
-    reference = outputs[("ar", 1)]
+    reference = timings.outputs[("ar", 1)][0]
     new_tokens = sum(len(t) for t in reference)
 
     def entry(name: str, batch: int) -> dict:
-        seconds = statistics.median(times[(name, batch)])
-        tokens = sum(len(t) for t in outputs[(name, batch)])
-        result = {"tokens_per_s": round(tokens / seconds, 2), "seconds": [round(s, 3) for s in times[(name, batch)]],
-                  "new_tokens": tokens, "identical_to_ar": outputs[(name, batch)] == reference}
-        engine = engines.get((name, batch))
+        key = (name, batch)
+        seconds = statistics.median(timings.seconds[key])
+        tokens = sum(len(t) for t in timings.outputs[key][-1])
+        result = {"tokens_per_s": round(tokens / seconds, 2), "seconds": [round(s, 3) for s in timings.seconds[key]],
+                  "new_tokens": tokens, "identical_to_ar": all(run == reference for run in timings.outputs[key])}
+        engine = timings.engines.get(key)
         if engine is not None:
             hierarchy = hierarchies[name]
             stats = RequestStats.total(hierarchy, [engine.total_stats]).to_dict(hierarchy)
-            predicted = costs.price(engine.forward_log)
             result |= {
                 "hierarchy": hierarchy.describe(),
                 "acceptance": {str(lv["exit"]): lv["acceptance_rate"] for lv in stats["levels"][1:]},
                 "tokens_per_target_pass": stats["tokens_per_target_pass"],
                 "layer_forwards_per_token": stats["layer_forwards_per_token"],
                 "layer_token_passes_per_token": stats["layer_token_passes_per_token"],
-                "predicted_tokens_per_s": round(tokens / predicted, 2),
-                "measured_over_predicted": round(statistics.median(efficiency[(name, batch)]), 3),
-                "measured_over_predicted_runs": [round(e, 3) for e in efficiency[(name, batch)]],
+                "predicted_tokens_per_s": predicted_tokens_per_s(costs, engine, tokens),
             }
+        if key in timings.efficiency:
+            result |= {"measured_over_predicted": round(statistics.median(timings.efficiency[key]), 3),
+                       "measured_over_predicted_runs": [round(e, 3) for e in timings.efficiency[key]]}
+        if key in timings.pipeline_runs:
+            result["pipeline"] = pipeline_report(timings.pipeline_runs[key], methods[name].bounds)
         return result
 
     results = {
         "config": {"model": str(args.model), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                    "repeats": args.repeats, "threads": args.threads, "dtype": "float32", "new_tokens": new_tokens,
-                   "draft_vocab": args.draft_vocab,
+                   "draft_vocab": args.draft_vocab, "pipeline_stages": args.pipeline_stages,
                    "command": "hispec bench " + " ".join(argv if argv is not None else [])},
         "methods": {name: entry(name, 1) for name in methods},
         "batch_sizes": {str(b): {m: entry(m, b) for m in hierarchies} for b in args.batch_sizes if b > 1},
@@ -170,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     results["batch_sizes"]["1"] = {m: results["methods"][m] for m in hierarchies}
     results["batch_sizes"] = dict(sorted(results["batch_sizes"].items(), key=lambda kv: int(kv[0])))
     results["speedups"] = speedups(results["methods"])
+    if args.pipeline_stages > 1:
+        results["pipeline_speedups"] = pipeline_speedups(results["batch_sizes"])
     results["crossover_batch_size"] = crossover(results["batch_sizes"])
     results["cost_table"] = costs.to_dict()
     if "hf-early-exit" in methods:
@@ -183,9 +314,66 @@ def main(argv: list[str] | None = None) -> int:
     for name, e in results["methods"].items():
         extra = f", model {e['measured_over_predicted']:.2f} of predicted" if "measured_over_predicted" in e else ""
         print(f"{name:14} {e['tokens_per_s']:8.1f} tok/s  identical_to_ar={e['identical_to_ar']}{extra}")
+    for batch, entries in results["batch_sizes"].items():
+        for name, e in entries.items():
+            if "pipeline" in e:
+                print(f"{name:14} batch {batch:>3}  {pipeline_summary(e['pipeline'])}")
     print(json.dumps(results["speedups"]), "crossover:", json.dumps(results["crossover_batch_size"]))
     print(f"wrote {args.out / 'results.json'} and 3 plots")
     return 0
+
+
+def predicted_tokens_per_s(costs: CostTable, engine: SpecEngine, tokens: int) -> float | None:
+    """The cost model's tokens/s for the forwards `engine` ran (a pipelined run is priced with the
+    single-process runs' timings of the same shapes; None if one was never timed)."""
+    try:
+        return round(tokens / costs.price(engine.forward_log), 2)
+    except KeyError:
+        return None
+
+
+def check_pipeline_stages(stages: int, hierarchies: dict) -> None:
+    """Exit with a message unless every method asked for can be cut into `stages` stages."""
+    from hispec.pipeline.build import check_num_stages
+
+    for name, hierarchy in hierarchies.items():
+        try:
+            check_num_stages(BatchPolicy.fixed(hierarchy), stages)
+        except ValueError as error:
+            raise SystemExit(f"--pipeline-stages: {name}: {error}") from None
+
+
+def pipeline_report(runs: list[PipelineRun], bounds: tuple[int, ...]) -> dict:
+    """Per stage: medians over the repetitions of its busy / transport / idle seconds and their
+    shares of the run's wall time (transport: moving hidden rows and replies, a receive counting
+    the wait for the previous stage; idle: waiting for the driver's next plan). Per committed
+    token: control round trips, hidden-row messages (hops), and bytes of rows and of plans."""
+    reports = [stage_timing_report(run.stage_times, run.seconds) for run in runs]
+    last = runs[-1]  # counts do not change between repetitions (same plans)
+    stages = []
+    for s, layers in enumerate(zip(bounds, bounds[1:])):
+        rows = [report[s] for report in reports]
+        stage = {"stage": s, "layers": list(layers), "steps": rows[-1]["steps"]}
+        for key in ("busy_s", "transport_s", "idle_s", "busy_share", "transport_share", "idle_share"):
+            stage[key] = round(statistics.median(row[key] for row in rows), 4)
+        for key in ("busy", "transport"):
+            stage[f"{key}_ms_per_step"] = round(1000 * stage[f"{key}_s"] / max(stage["steps"], 1), 3)
+        stage |= {"bytes_sent": rows[-1]["bytes_sent"], "bytes_received": rows[-1]["bytes_received"]}
+        stages.append(stage)
+    per_token = lambda x: round(x / max(last.new_tokens, 1), 3)  # noqa: E731
+    hidden_bytes = sum(t.bytes_sent for t in last.stage_times)
+    return {"bounds": list(bounds), "stages": stages, "steps": last.steps, "hops": last.hops,
+            "steps_per_token": per_token(last.steps), "hops_per_token": per_token(last.hops),
+            "hidden_bytes_per_token": per_token(hidden_bytes), "plan_bytes_per_token": per_token(last.plan_bytes),
+            "hidden_bytes_per_hop": round(hidden_bytes / max(last.hops, 1), 1)}
+
+
+def pipeline_summary(report: dict) -> str:
+    """One line: each stage's busy / transport / idle shares, then bytes per committed token."""
+    shares = " | ".join(f"s{st['stage']} {st['busy_share']:.2f}/{st['transport_share']:.2f}/{st['idle_share']:.2f}"
+                        for st in report["stages"])
+    return (f"busy/transport/idle {shares}; per token: {report['hops_per_token']:.2f} hops, "
+            f"{report['hidden_bytes_per_token']:.0f} B rows, {report['plan_bytes_per_token']:.0f} B plans")
 
 
 def best_hf_exit(hf_model, eos, pad, prompt_ids, num_layers: int) -> tuple[int, dict]:
@@ -211,13 +399,27 @@ def speedups(methods: dict) -> dict:
             "layerskip/ar": ratio("layerskip", "ar")}
 
 
-def crossover(by_batch: dict) -> dict:
-    """Per speculative method: the smallest measured batch size where autoregressive decoding is
-    at least as fast (None: speculation wins at every measured size)."""
+def pipeline_speedups(by_batch: dict) -> dict:
+    """Per batch size, each pipelined row's tokens/s over its single-process method's."""
     out = {}
-    for method in ("layerskip", "hispec"):
-        sizes = [b for b, entry in by_batch.items() if method in entry and "ar" in entry]
-        out[method] = next((int(b) for b in sizes if by_batch[b]["ar"]["tokens_per_s"] >= by_batch[b][method]["tokens_per_s"]), None)
+    for batch, entry in by_batch.items():
+        for name, e in entry.items():
+            base, pipelined = base_method(name)
+            if pipelined and base in entry:
+                out.setdefault(batch, {})[f"{name}/{base}"] = round(e["tokens_per_s"] / entry[base]["tokens_per_s"], 3)
+    return out
+
+
+def crossover(by_batch: dict) -> dict:
+    """Per speculative method (single process, and pipelined against pipelined ar): the smallest
+    measured batch size where autoregressive decoding is at least as fast (None: speculation wins
+    at every measured size)."""
+    names = list(dict.fromkeys(m for entry in by_batch.values() for m in entry))
+    out = {}
+    for method in [m for m in names if base_method(m)[0] in ("layerskip", "hispec")]:
+        ar = "ar" + base_method(method)[1]
+        sizes = [b for b, entry in by_batch.items() if method in entry and ar in entry]
+        out[method] = next((int(b) for b in sizes if by_batch[b][ar]["tokens_per_s"] >= by_batch[b][method]["tokens_per_s"]), None)
     return out
 
 

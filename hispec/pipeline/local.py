@@ -24,9 +24,13 @@ def stage_cpus(num_stages: int, pipelines: int = 1) -> float:
 @contextmanager
 def local_ray(cpus: float = 0.0):
     """ray.init(address="local") with this machine's cores as its CPUs (more if `cpus` needs more:
-    Ray's CPUs are reservations; pipelines that take turns may share cores), quiet, no dashboard."""
+    Ray's CPUs are reservations; pipelines that take turns may share cores), quiet, no dashboard.
+    A process already connected to Ray (a test session, a notebook) keeps its connection."""
     import ray
 
+    if ray.is_initialized():
+        yield
+        return
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
