@@ -6,24 +6,14 @@ from __future__ import annotations
 import pytest
 
 from hispec.engine import EngineConfig, SpecEngine
-from hispec.speculation import Hierarchy, Request, SamplingParams
+from hispec.speculation import Hierarchy, Request
 from hispec.model.greedy import greedy_generate
-from tests.unit.spec_helpers import random_prompts, tiny_model
+from tests.unit.spec_helpers import make_requests, random_prompts, tiny_model
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("tiny6"))
-
-
-def make_requests(vocab: int) -> list[Request]:
-    lengths = (1, 9, 3, 14, 6, 2, 11, 5)
-    max_new = (20, 7, 31, 3, 16, 25, 1, 12)  # finishing at different steps
-    prompts = random_prompts(lengths, vocab, seed=11)
-    sampling = [SamplingParams() if i % 2 == 0 else SamplingParams(temperature=0.9, top_k=20, seed=i)
-                for i in range(len(prompts))]
-    return [Request(p, n, s, stop_token_ids=(), request_id=f"r{i}")
-            for i, (p, n, s) in enumerate(zip(prompts, max_new, sampling))]
 
 
 @pytest.mark.parametrize("exits,budgets", [((), ()), ((2,), (3,)), ((1, 3), (2, 4)), ((1, 2, 4), (2, 1, 3))])
