@@ -121,7 +121,8 @@ class SpecEngine:
 
     def _step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
-        result = self.executor.execute(scheduled.plan) if scheduled.plan.forwards else []
+        plan = scheduled.plan
+        result = self.executor.execute(plan) if plan.forwards or plan.truncations or plan.releases else []
         outputs = self.scheduler.apply(scheduled, self._decide(scheduled, result))
         if not self.scheduler.has_unfinished():
             self.sync()  # idle: release the last slots now, not with a next plan that may never come
