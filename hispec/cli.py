@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "bench-serve": ("hispec.bench.serving", "load a running server with concurrent gRPC streams: tokens/s, latency"),
     "tune": ("hispec.bench.tune", "sweep exits and budgets; store the best hierarchy with the checkpoint"),
     "bench-runtime": ("hispec.bench.runtime", "runtime micro-benchmark vs transformers"),
+    "bench-transport": ("hispec.bench.transport", "pipeline transport: gloo point-to-point vs Ray actor calls"),
     "train": ("hispec.train.recipe", "train an early-exit model (LayerSkip recipe)"),
     "eval-exits": ("hispec.train.evaluate", "agreement of each exit layer with the final layer"),
 }
