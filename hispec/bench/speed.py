@@ -103,20 +103,27 @@ class PipelineRun:
     plan_bytes: int  # control bytes the driver sent (plans to every stage)
     steps: int  # control round trips (one plan out, one reply back per stage)
     hops: int  # hidden-row messages between neighbouring stages
+    prefill_row_bytes: int  # of the rows those messages carried, the prompts'
 
 
 class _CountingExecutor:
     """A pipeline's executor, counting the steps it runs and the stage boundaries their forwards
-    cross (one hidden-row message each: rows computed below a boundary, or a ring read at it)."""
+    cross (one hidden-row message each: rows computed below a boundary, or a ring read at it),
+    and the bytes of the prompts' rows among them."""
 
-    def __init__(self, executor, bounds: tuple[int, ...]) -> None:
+    def __init__(self, executor, bounds: tuple[int, ...], dtype: str) -> None:
         self.executor, self.inner_bounds = executor, bounds[1:-1]
         self.model_config, self.num_slots, self.capacity = executor.model_config, executor.num_slots, executor.capacity
-        self.steps = self.hops = 0
+        self.row_bytes = self.model_config.hidden_size * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        self.steps = self.hops = self.prefill_row_bytes = 0
 
     def execute(self, plan: StepPlan):
         self.steps += 1
-        self.hops += sum(f.lo <= b < f.hi for f in plan.forwards for b in self.inner_bounds)
+        for forward in plan.forwards:
+            crossings = sum(forward.lo <= b < forward.hi for b in self.inner_bounds)
+            self.hops += crossings
+            if forward.prefill:  # rows [B, T, d] per crossing
+                self.prefill_row_bytes += crossings * len(forward.feeds) * forward.width * self.row_bytes
         return self.executor.execute(plan)
 
     def snapshot(self, with_tensors: bool = False):
@@ -133,12 +140,12 @@ class PipelinedMethod:
 
     def __init__(self, pipelined, hierarchy, draft_vocab=None):
         self.pipelined, self.hierarchy, self.draft_vocab = pipelined, hierarchy, draft_vocab
-        self.bounds = pipelined.pipeline.spec.bounds
+        self.bounds, self.dtype = pipelined.pipeline.spec.bounds, pipelined.pipeline.spec.dtype
         self.last_run: PipelineRun | None = None
 
     def run(self, prompt_ids, max_new, batch_size):
         executor = self.pipelined.executor
-        counting = _CountingExecutor(executor, self.bounds)
+        counting = _CountingExecutor(executor, self.bounds, self.dtype)
         engine = SpecEngine(counting, self.hierarchy, EngineConfig(max_batch_size=batch_size, draft_vocab=self.draft_vocab))
         # Reset twice: a stage adds the transport seconds it had before a reset to its busy time
         # (StageActor.serve measures a message's transport as a difference across the reset); the
@@ -151,7 +158,7 @@ class PipelinedMethod:
         elapsed = time.perf_counter() - started
         tokens = [r.token_ids for r in results]
         self.last_run = PipelineRun(elapsed, sum(map(len, tokens)), executor.stage_times(),
-                                    executor.plan_bytes - plan_bytes, counting.steps, counting.hops)
+                                    executor.plan_bytes - plan_bytes, counting.steps, counting.hops, counting.prefill_row_bytes)
         return elapsed, tokens, engine
 
 
@@ -347,7 +354,8 @@ def pipeline_report(runs: list[PipelineRun], bounds: tuple[int, ...]) -> dict:
     """Per stage: medians over the repetitions of its busy / transport / idle seconds and their
     shares of the run's wall time (transport: moving hidden rows and replies, a receive counting
     the wait for the previous stage; idle: waiting for the driver's next plan). Per committed
-    token: control round trips, hidden-row messages (hops), and bytes of rows and of plans."""
+    token: control round trips, hidden-row messages (hops), and bytes of rows (all, and without the
+    prompts': decoding's own) and of plans."""
     reports = [stage_timing_report(run.stage_times, run.seconds) for run in runs]
     last = runs[-1]  # counts do not change between repetitions (same plans)
     stages = []
@@ -364,7 +372,10 @@ def pipeline_report(runs: list[PipelineRun], bounds: tuple[int, ...]) -> dict:
     hidden_bytes = sum(t.bytes_sent for t in last.stage_times)
     return {"bounds": list(bounds), "stages": stages, "steps": last.steps, "hops": last.hops,
             "steps_per_token": per_token(last.steps), "hops_per_token": per_token(last.hops),
-            "hidden_bytes_per_token": per_token(hidden_bytes), "plan_bytes_per_token": per_token(last.plan_bytes),
+            "hidden_bytes": hidden_bytes, "prefill_hidden_bytes": last.prefill_row_bytes,
+            "hidden_bytes_per_token": per_token(hidden_bytes),
+            "decode_hidden_bytes_per_token": per_token(hidden_bytes - last.prefill_row_bytes),
+            "plan_bytes_per_token": per_token(last.plan_bytes),
             "hidden_bytes_per_hop": round(hidden_bytes / max(last.hops, 1), 1)}
 
 
@@ -373,7 +384,8 @@ def pipeline_summary(report: dict) -> str:
     shares = " | ".join(f"s{st['stage']} {st['busy_share']:.2f}/{st['transport_share']:.2f}/{st['idle_share']:.2f}"
                         for st in report["stages"])
     return (f"busy/transport/idle {shares}; per token: {report['hops_per_token']:.2f} hops, "
-            f"{report['hidden_bytes_per_token']:.0f} B rows, {report['plan_bytes_per_token']:.0f} B plans")
+            f"{report['hidden_bytes_per_token']:.0f} B rows ({report['decode_hidden_bytes_per_token']:.0f} B "
+            f"without prompts), {report['plan_bytes_per_token']:.0f} B plans")
 
 
 def best_hf_exit(hf_model, eos, pad, prompt_ids, num_layers: int) -> tuple[int, dict]:

@@ -35,6 +35,9 @@ def test_pipelined_rows_beside_the_single_process_ones(tmp_path):
             # stage 0 sends what stage 1 receives; at most one boundary crossed per step (2 stages)
             assert report["stages"][0]["bytes_sent"] == report["stages"][1]["bytes_received"] > 0
             assert report["hidden_bytes_per_token"] > 0 and report["plan_bytes_per_token"] > 0
+            # the rows the plans' prompt forwards move (counted by the driver) are part of what moved
+            assert 0 < report["prefill_hidden_bytes"] < report["hidden_bytes"] == report["stages"][0]["bytes_sent"]
+            assert 0 < report["decode_hidden_bytes_per_token"] < report["hidden_bytes_per_token"]
             assert 0 < report["hops_per_token"] <= report["steps_per_token"]
     assert set(results["pipeline_speedups"]["2"]) == {"ar-pp2/ar", "hispec-pp2/hispec"}
     assert set(results["crossover_batch_size"]) == {"hispec", "hispec-pp2"}
