@@ -78,6 +78,7 @@ class StageActor:
         self.stage = Stage(self.model, spec.num_slots, spec.capacity)
         self._store = None
         self.times = StageTimes()
+        self._reset_times = False
 
     def ping(self) -> int:
         return os.getpid()
@@ -122,6 +123,9 @@ class StageActor:
                     times.busy += (sent - started) - (times.transport - moving)  # rows moved count as transport
                     transport.send_object(reply, 0)
                     times.transport += time.perf_counter() - sent
+                    if self._reset_times:
+                        times.__init__()
+                        self._reset_times = False
                     if isinstance(reply, StageFailure):
                         return "failed"
         finally:
@@ -136,10 +140,8 @@ class StageActor:
         if isinstance(message, SnapshotRequest):
             return self.stage.snapshot(message.with_tensors)
         if isinstance(message, StatsRequest):
-            snapshot = StageTimes(**vars(self.times))
-            if message.reset:
-                self.times.__init__()
-            return snapshot
+            self._reset_times = message.reset  # after this message's own time is counted (serve)
+            return StageTimes(**vars(self.times))
         raise TypeError(f"unknown control message {type(message).__name__}")
 
 
