@@ -62,10 +62,15 @@ class AppArgs(BaseModel):
             raise ValueError(f"method {self.method} takes no exits/budgets")
         if self.pipeline_stages > 1:
             from hispec.config import ModelConfig
+            from hispec.pipeline.build import check_num_stages
+            from hispec.speculation import resolve_policy
 
             layers = ModelConfig.from_pretrained(self.model).num_layers
-            if self.pipeline_stages > layers:
-                raise ValueError(f"pipeline_stages {self.pipeline_stages} exceeds the model's {layers} layers")
+            try:
+                check_num_stages(resolve_policy(self.method, layers, self.model, self.exits, self.budgets),
+                                 self.pipeline_stages)
+            except ValueError as error:
+                raise ValueError(f"pipeline_stages: {error}") from None
         if self.stage_gpus and self.device == "cpu":
             raise ValueError("stage_gpus needs device cuda or auto")
         return self
