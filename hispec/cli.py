@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "bench-transport": ("hispec.bench.transport", "pipeline transport: gloo point-to-point vs Ray actor calls"),
     "train": ("hispec.train.recipe", "train an early-exit model (LayerSkip recipe)"),
     "eval-exits": ("hispec.train.evaluate", "agreement of each exit layer with the final layer"),
+    "cluster": ("hispec.cluster", "KubeRay RayService / ray up: render serveConfigV2 from deploy/, validate offline"),
 }
 
 

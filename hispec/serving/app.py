@@ -16,6 +16,7 @@ def build_app(args: dict) -> Application:
     engine = HiSpecEngine
     bundles = app_args.placement_bundles()
     if bundles is not None:  # one replica = one pipeline: it reserves its stages' bundles with itself
-        engine = HiSpecEngine.options(placement_group_bundles=bundles, placement_group_strategy="PACK",
+        engine = HiSpecEngine.options(placement_group_bundles=bundles,
+                                      placement_group_strategy=app_args.placement_strategy,
                                       ray_actor_options={"num_cpus": app_args.replica_cpus})
     return HiSpecIngress.bind(engine.bind(validated), validated)

@@ -47,6 +47,11 @@ class AppArgs(BaseModel):
     stage_gpus: bool = Field(False, description="one GPU per stage (hidden rows over NCCL); needs device cuda or auto")
     replica_cpus: float = Field(0.5, gt=0, le=64, description="with pipeline_stages > 1: CPUs of the engine replica "
                                 "(bundle 0 of its placement group; it runs the scheduler and drives the stages)")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
+        "PACK", description="with pipeline_stages > 1: how Ray places a pipeline's bundles (the replica's, then one per "
+        "stage). PACK: on as few nodes as possible, split across nodes when no single one has room; STRICT_PACK: all "
+        "on one node or not at all (stage-to-stage traffic never leaves the node, and the autoscaler adds a node big "
+        "enough for a whole pipeline); SPREAD: across nodes where it can")
 
     @field_validator("model")
     @classmethod
@@ -73,6 +78,9 @@ class AppArgs(BaseModel):
                 raise ValueError(f"pipeline_stages: {error}") from None
         if self.stage_gpus and self.device == "cpu":
             raise ValueError("stage_gpus needs device cuda or auto")
+        if self.pipeline_stages == 1 and self.placement_strategy != "PACK":
+            raise ValueError(f"placement_strategy {self.placement_strategy} applies to pipelines: it needs "
+                             "pipeline_stages > 1 (a single-process engine reserves no placement group)")
         return self
 
     def placement_bundles(self) -> list[dict[str, float]] | None:

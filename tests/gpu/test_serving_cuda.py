@@ -1,6 +1,9 @@
-"""deploy/hispec-gpu.yaml on a CUDA machine (skipped without CUDA): the engine replica takes the
-GPU, answers exactly what plain greedy decoding of the full model gives (fp32, so no reduced-precision
-shape effects), and reports GPU metrics."""
+"""deploy/hispec-gpu.yaml on a CUDA machine with at least 2 GPUs (skipped below 2): each engine
+replica is a 2-stage pipeline whose stage actors take one GPU each (STRICT_PACK on this one node,
+hidden rows over NCCL; the replica itself holds none), answers exactly what plain greedy decoding of
+the full model gives (fp32, so no reduced-precision shape effects), and reports GPU metrics. The
+config's checkpoint is the cluster's model volume (/models/hispec-stdlib-ee); here it is the bundled
+copy of the same model."""
 
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from hispec.model.greedy import greedy_generate
 from tests.serve_process import running_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+              pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                 reason="needs 2 CUDA devices: deploy/hispec-gpu.yaml runs a 2-stage pipeline, one GPU per stage")]
 
 
 def test_gpu_config_serves_on_cuda(tmp_path):
@@ -36,7 +40,10 @@ def test_gpu_config_serves_on_cuda(tmp_path):
     del model
     torch.cuda.empty_cache()
     config = yaml.safe_load(Path("deploy/hispec-gpu.yaml").read_text())
-    config["applications"][0]["args"]["dtype"] = "float32"
+    args = config["applications"][0]["args"]
+    assert args["pipeline_stages"] == 2 and args["stage_gpus"] and args["placement_strategy"] == "STRICT_PACK"
+    args["dtype"] = "float32"
+    args["model"] = str(DEFAULT_MODEL)  # the same model as /models/hispec-stdlib-ee on a cluster
     fp32_config = tmp_path / "hispec-gpu-fp32.yaml"
     fp32_config.write_text(yaml.safe_dump(config))
 

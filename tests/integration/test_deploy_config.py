@@ -6,6 +6,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from hispec.cluster import local_model_args
+from hispec.models import DEFAULT_MODEL
 from hispec.serving.app import build_app
 from hispec.serving.config import AppArgs
 
@@ -19,7 +21,9 @@ def test_serve_config_validates_and_builds(name):
     assert config.grpc_options.grpc_servicer_functions == ["hispec.rpc.hispec_pb2_grpc.add_HiSpecServicer_to_server"]
     (app,) = config.applications
     assert app.import_path == "hispec.serving.app:build_app"
-    build_app(app.args)  # validates the args with pydantic
+    # validates the args with pydantic; hispec-gpu.yaml reads its checkpoint from the cluster's model
+    # volume (/models/hispec-stdlib-ee): here, the bundled copy of the same model
+    build_app(local_model_args(app.args, ("/models", DEFAULT_MODEL.parent)))
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {"HiSpecEngine", "HiSpecIngress"}
     assert deployments["HiSpecEngine"].autoscaling_config["min_replicas"] >= 1
@@ -53,3 +57,14 @@ def test_pipeline_args_reserve_one_bundle_per_stage():
         AppArgs(pipeline_stages=0)
     with pytest.raises(ValueError, match="stage_gpus"):
         AppArgs(pipeline_stages=2, stage_gpus=True, device="cpu")
+
+
+def test_placement_strategy_reaches_the_engine_deployment():
+    app = build_app({"pipeline_stages": 2, "placement_strategy": "STRICT_PACK"})
+    engine = app._bound_deployment.init_args[0]._bound_deployment  # noqa: SLF001
+    assert engine._replica_config.placement_group_strategy == "STRICT_PACK"  # noqa: SLF001
+    assert AppArgs(pipeline_stages=2).placement_strategy == "PACK"
+    with pytest.raises(ValueError, match="placement_strategy"):
+        AppArgs(pipeline_stages=2, placement_strategy="STRICT_SPREAD")
+    with pytest.raises(ValueError, match="placement_strategy STRICT_PACK applies to pipelines"):
+        AppArgs(placement_strategy="STRICT_PACK")  # a single-process engine reserves no placement group
