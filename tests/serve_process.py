@@ -32,6 +32,27 @@ class Server:
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
+    def processes(self, title_prefix: str) -> set[int]:
+        """Pids of this server's own Ray processes whose title starts with `title_prefix` (e.g.
+        `ray::StageActor`, `ray::ServeReplica:hispec:HiSpecEngine`): descendants of its `serve run`,
+        since other servers on this machine may run the same actors."""
+        table = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], check=True, capture_output=True, text=True).stdout
+        parent, args = {}, {}
+        for line in table.splitlines():
+            pid, ppid, *rest = line.split(None, 2)
+            parent[int(pid)], args[int(pid)] = int(ppid), rest[0] if rest else ""
+
+        def ours(pid: int) -> bool:
+            seen = set()
+            while pid not in seen and pid > 1:
+                if pid == self.pid:
+                    return True
+                seen.add(pid)
+                pid = parent.get(pid, 0)
+            return False
+
+        return {pid for pid, a in args.items() if a.startswith(title_prefix) and ours(pid)}
+
 
 class ServerFailed(RuntimeError):
     pass

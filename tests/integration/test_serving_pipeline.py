@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -71,24 +70,7 @@ def expected(tokenizer) -> dict[str, list[int]]:
 
 
 def _stage_actor_pids(server: Server) -> set[int]:
-    """The `ray::StageActor` processes of this server's own Ray cluster (descendants of its `serve run`;
-    other servers on this machine may run pipelines too)."""
-    table = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], check=True, capture_output=True, text=True).stdout
-    parent, args = {}, {}
-    for line in table.splitlines():
-        pid, ppid, *rest = line.split(None, 2)
-        parent[int(pid)], args[int(pid)] = int(ppid), rest[0] if rest else ""
-
-    def ours(pid: int) -> bool:
-        seen = set()
-        while pid not in seen and pid > 1:
-            if pid == server.pid:
-                return True
-            seen.add(pid)
-            pid = parent.get(pid, 0)
-        return False
-
-    return {pid for pid, a in args.items() if a.startswith("ray::StageActor") and ours(pid)}
+    return server.processes("ray::StageActor")
 
 
 def test_greedy_equals_plain_greedy_over_every_protocol(stub, pipeline_server, expected):
