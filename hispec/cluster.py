@@ -106,7 +106,8 @@ def render(deploy_text: str, manifest_text: str) -> str:
     body = canonical(deploy_text)
     first = next((line for line in body.splitlines() if line.strip()), "")
     if first[:1].isspace():
-        raise RenderError("the deploy YAML's first line must not be indented (YAML would take it for the block's indentation)")
+        raise RenderError("the deploy YAML's first line must not be indented "
+                          "(YAML would take it for the block's indentation)")
     lines = manifest_text.splitlines()
     start, end, indent = _block_span(lines)
     pad = " " * (indent + 2)
@@ -117,7 +118,8 @@ def render(deploy_text: str, manifest_text: str) -> str:
     return rendered
 
 
-def drift(deploy_text: str, manifest_text: str, deploy_name: str = "deploy", manifest_name: str = "manifest") -> str | None:
+def drift(deploy_text: str, manifest_text: str, deploy_name: str = "deploy",
+          manifest_name: str = "manifest") -> str | None:
     """A unified diff (deploy YAML -> the manifest's serveConfigV2) when they differ, else None."""
     want, have = canonical(deploy_text), canonical(served_config_text(manifest_text))
     if want == have:
@@ -207,9 +209,11 @@ def kuberay_rule_errors(doc: dict) -> list[str]:
         if cluster.get("enableInTreeAutoscaling") and v2 and restart not in (None, "", "Never"):
             errors.append(f"{where}.template.spec.restartPolicy: must be Never or unset with autoscaler v2")
         if where.endswith("]") and all(isinstance(group.get(k), int) for k in ("minReplicas", "maxReplicas")):
-            low, high, replicas = group["minReplicas"], group["maxReplicas"], group.get("replicas", group["minReplicas"])
+            low, high = group["minReplicas"], group["maxReplicas"]
+            replicas = group.get("replicas", low)
             if not (0 <= low <= high) or (isinstance(replicas, int) and not low <= replicas <= high):
-                errors.append(f"{where}: needs 0 <= minReplicas ({low}) <= replicas ({replicas}) <= maxReplicas ({high})")
+                errors.append(f"{where}: needs 0 <= minReplicas ({low}) <= replicas ({replicas}) "
+                              f"<= maxReplicas ({high})")
     return errors
 
 
@@ -292,6 +296,7 @@ class Pipeline:
     bundles: list  # [{"CPU": x, "GPU": y}, ...]: bundle 0 the replica's, then one per stage
     strategy: str
     max_replicas: int
+    surge: int = 0  # extra pipelines while a new config rolls out (the deployment's max_surge_percent)
 
 
 @dataclass(frozen=True)
@@ -339,14 +344,16 @@ def app_errors(config: dict, model_root: tuple[str, Path]) -> tuple[list[str], l
             errors.append(f"{where}: bundle 0 (the replica) holds a GPU its stages need")
         scaling = engine.get("autoscaling_config") or {}
         replicas = scaling.get("max_replicas") or engine.get("num_replicas") or 1
-        pipelines.append(Pipeline(app.get("name", where), bundles, app_args.placement_strategy,
-                                  replicas if isinstance(replicas, int) else 1))
+        replicas = replicas if isinstance(replicas, int) else 1
+        surge = math.ceil(replicas * engine.get("max_surge_percent", 0) / 100)
+        pipelines.append(Pipeline(app.get("name", where), bundles, app_args.placement_strategy, replicas, surge))
     return errors, pipelines
 
 
 def fit_errors(pipelines: list[Pipeline], nodes: list[NodeType], where: str) -> list[str]:
     """Each pipeline must be placeable on the nodes, and the nodes at their maximum must hold the
-    engine's max_replicas pipelines (else autoscaling stalls with pending placement groups)."""
+    engine's max_replicas pipelines, plus its surge during a rollout (else autoscaling, or a rollout
+    at full scale, stalls with pending placement groups)."""
     errors = []
     for p in pipelines:
         need_cpu = sum(b.get("CPU", 0) for b in p.bundles)
@@ -365,8 +372,9 @@ def fit_errors(pipelines: list[Pipeline], nodes: list[NodeType], where: str) -> 
                 if not any(n.cpus >= bundle.get("CPU", 0) and n.gpus >= bundle.get("GPU", 0) for n in nodes):
                     errors.append(f"{where}: bundle {i} of {p.app} ({bundle}) fits no node")
             capacity = math.floor(sum(n.max_count * n.gpus for n in nodes) / need_gpu) if need_gpu else math.inf
-        if capacity < p.max_replicas:
-            errors.append(f"{where}: {p.app} scales to {p.max_replicas} pipelines but the nodes hold at most "
+        if capacity < p.max_replicas + p.surge:
+            surge = f" (+{p.surge} while a new config rolls out: max_surge_percent)" if p.surge else ""
+            errors.append(f"{where}: {p.app} scales to {p.max_replicas} pipelines{surge} but the nodes hold at most "
                           f"{capacity} at their maximum counts")
     return errors
 
@@ -402,7 +410,8 @@ def node_types_of(spec: dict) -> list[NodeType]:
         cpus = quantity(params.get("num-cpus", limits.get("cpu", 0)))
         gpus = quantity(params.get("num-gpus", limits.get(GPU_RESOURCE, 0)))
         count = 1 if where == "headGroupSpec" else int(group.get("maxReplicas", 0)) * int(group.get("numOfHosts", 1))
-        nodes.append(NodeType(group.get("groupName", "head") if where != "headGroupSpec" else "head", cpus, gpus, count))
+        name = "head" if where == "headGroupSpec" else group.get("groupName", where)
+        nodes.append(NodeType(name, cpus, gpus, count))
     return nodes
 
 
@@ -414,7 +423,8 @@ def manifest_rule_errors(doc: dict, serve_config: dict, ray_version: str) -> lis
     spec = doc.get("spec") or {}
     cluster = spec.get("rayClusterConfig") or {}
     if cluster.get("rayVersion") != ray_version:
-        errors.append(f"spec.rayClusterConfig.rayVersion: {cluster.get('rayVersion')!r}, but this package runs Ray {ray_version}")
+        errors.append(f"spec.rayClusterConfig.rayVersion: {cluster.get('rayVersion')!r}, "
+                      f"but this package runs Ray {ray_version}")
     if not cluster.get("enableInTreeAutoscaling"):
         errors.append("spec.rayClusterConfig.enableInTreeAutoscaling: must be true (Serve autoscaling adds pipelines, "
                       "the autoscaler adds the pods for them)")
@@ -438,9 +448,11 @@ def manifest_rule_errors(doc: dict, serve_config: dict, ray_version: str) -> lis
                 for name in ("cpu", "memory"):
                     if name not in (res.get(kind) or {}):
                         errors.append(f"{cwhere}.resources.{kind}.{name}: missing")
-            gpu_req, gpu_lim = (res.get("requests") or {}).get(GPU_RESOURCE), (res.get("limits") or {}).get(GPU_RESOURCE)
+            gpu_req = (res.get("requests") or {}).get(GPU_RESOURCE)
+            gpu_lim = (res.get("limits") or {}).get(GPU_RESOURCE)
             if (gpu_req or gpu_lim) and str(gpu_req) != str(gpu_lim):
-                errors.append(f"{cwhere}.resources: {GPU_RESOURCE} requests ({gpu_req}) and limits ({gpu_lim}) must be equal")
+                errors.append(f"{cwhere}.resources: {GPU_RESOURCE} requests ({gpu_req}) and limits ({gpu_lim}) "
+                              "must be equal")
             image = str(container.get("image", ""))
             if c == 0 and ray_version not in image.rpartition(":")[2]:
                 errors.append(f"{cwhere}.image: {image!r}: its tag must name Ray {ray_version} (rayVersion)")
@@ -456,7 +468,8 @@ def manifest_rule_errors(doc: dict, serve_config: dict, ray_version: str) -> lis
                 errors.append(f"{where}: the Ray container needs a port named 'serve' = {http} (http_options.port), "
                               "which KubeRay puts on the serve service")
             if grpc is not None and ports.get("serve-grpc") != grpc:
-                errors.append(f"{where}: the Ray container needs a port named 'serve-grpc' = {grpc} (grpc_options.port); "
+                errors.append(f"{where}: the Ray container needs a port named 'serve-grpc' = {grpc} "
+                              "(grpc_options.port); "
                               "KubeRay puts ports named serve-* on the serve service")
         else:
             probe = (ray.get("readinessProbe") or {}).get("httpGet") or {}
@@ -465,7 +478,8 @@ def manifest_rule_errors(doc: dict, serve_config: dict, ray_version: str) -> lis
         mounts = {m.get("mountPath"): m for m in ray.get("volumeMounts") or []}
         volumes = {v.get("name"): v for v in pod.get("volumes") or []}
         for model in sorted(model_paths):
-            mount = next((m for path, m in mounts.items() if path and (model == path or model.startswith(path.rstrip("/") + "/"))), None)
+            mount = next((m for path, m in mounts.items()
+                          if path and (model == path or model.startswith(path.rstrip("/") + "/"))), None)
             if mount is None:
                 errors.append(f"{where}: nothing mounted at {model} (args.model); the build task, the ingress "
                               "(tokenizer) and the stages read it on any node")

@@ -109,9 +109,12 @@ def test_manifest_shape(manifest):
     assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 8000}
     ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert ports["serve"] == 8000 and ports["serve-grpc"] == 9000
-    scaling = next(d for d in yaml.safe_load(spec["serveConfigV2"])["applications"][0]["deployments"]
-                   if d["name"] == "HiSpecEngine")["autoscaling_config"]
-    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (scaling["min_replicas"], scaling["max_replicas"])
+    engine = next(d for d in yaml.safe_load(spec["serveConfigV2"])["applications"][0]["deployments"]
+                  if d["name"] == "HiSpecEngine")
+    scaling = engine["autoscaling_config"]
+    # one pipeline per pod; one spare pod so that a rollout at full scale starts a new pipeline first
+    assert engine["max_surge_percent"] > 0
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (scaling["min_replicas"], scaling["max_replicas"] + 1)
 
 
 def test_image_and_ray_versions_agree():
@@ -178,8 +181,9 @@ def _engine(config):
     (lambda c: _engine(c).update(ray_actor_options={"num_cpus": 1, "num_gpus": 1}), "ray_actor_options: would replace"),
     # a pipeline of 3 GPUs cannot be STRICT_PACKed on 2-GPU pods
     (lambda c: c["applications"][0]["args"].update(pipeline_stages=3), "needs one node with 5 CPUs and 3 GPUs"),
-    # more pipelines than the worker group can ever hold
-    (lambda c: _engine(c)["autoscaling_config"].update(max_replicas=5), "scales to 5 pipelines but the nodes hold at most 4"),
+    # more pipelines than the worker group can ever hold, or no spare pod for a rollout at full scale
+    (lambda c: _engine(c)["autoscaling_config"].update(max_replicas=6), "scales to 6 pipelines (+2 while"),
+    (lambda c: _engine(c).update(max_surge_percent=50), "scales to 4 pipelines (+2 while a new config rolls out"),
     # a misspelt Serve field would be ignored by Serve
     (lambda c: _engine(c).update(max_ongoing_request=64), "max_ongoing_request: unknown field"),
     (lambda c: _engine(c)["autoscaling_config"].update(target_ongoing_request=8), "target_ongoing_request: unknown field"),
@@ -255,7 +259,7 @@ def test_ray_config_validates(ray_config, serve_config):
     (lambda c: c.update(max_workers=0), "smaller than the sum of `min_workers`"),
     (lambda c: c.update(head_node_type="gpu"), "`head_node_type` must be one of"),
     (lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=1), "needs one node with"),
-    (lambda c: c["available_node_types"]["gpu_worker"].update(max_workers=1), "at most 2"),
+    (lambda c: c["available_node_types"]["gpu_worker"].update(max_workers=2), "at most 4"),
 ])
 def test_ray_config_refuses(ray_config, serve_config, break_it, expected):
     break_it(ray_config)
