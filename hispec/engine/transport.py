@@ -112,11 +112,9 @@ class DistributedLink:
 
     def __init__(self, transport: Transport, stage: int) -> None:
         self.transport, self.stage = transport, stage
-        self.bytes_sent = 0
 
     def send(self, hidden: torch.Tensor) -> None:
         self.transport.send_tensor(hidden, self.stage + 1)
-        self.bytes_sent += hidden.numel() * hidden.element_size()
 
     def recv(self, shape, dtype, device) -> torch.Tensor:
         return self.transport.recv_tensor(tuple(shape), dtype, device, self.stage - 1)
