@@ -37,7 +37,7 @@ from hispec.models import DEFAULT_MODEL
 from hispec.pipeline import Pipeline, PipelineExecutor, PipelineSpec
 from hispec.pipeline.build import PipelinedEngine
 from hispec.speculation import BatchPolicy, Hierarchy, Request, SamplingParams, resolve_hierarchy
-from tests.unit.spec_helpers import GRID, first_draft_proposal, random_prompts, requests_for, tiny_model
+from tests.unit.spec_helpers import GRID, first_draft_proposal, fresh_forward, random_prompts, requests_for, tiny_model
 from tests.unit.test_spec_sampling import ALPHA, CASES, NEW, PROMPT, SAMPLES, VOCAB, chi_square_pvalue, exact_joint
 
 pytestmark = pytest.mark.slow
@@ -511,18 +511,6 @@ def test_sampling_chi_square_through_pipeline(vocab8, vocab8_executor, case):
 
 
 # ==== 4. KV consistency ==========================================================================
-@torch.inference_mode()
-def fresh(model, tokens: list[int]):
-    """KV of every layer and the hidden state after every layer, from one forward over `tokens`."""
-    cache = model.new_cache(num_slots=1, capacity=len(tokens))
-    step = model.plan(cache, [0], len(tokens))
-    hidden, per_layer = model.embed(torch.tensor([tokens])), []
-    for layer in range(model.config.num_layers):
-        hidden = model.forward_layers(hidden, step, cache, layer, layer + 1)
-        per_layer.append(hidden[0])
-    return cache, per_layer
-
-
 @over_hierarchies([((2,), (3,)), ((4,), (2,)), ((1, 3), (2, 4)), ((1, 2, 4), (1, 2, 3))])
 def test_stage_kv_matches_fresh_forward_after_every_step(tiny, tiny_executor, exits, budgets):
     """Level k's layers hold seq.fed[k] tokens on whichever stage they live; the ring at each
@@ -544,7 +532,7 @@ def test_stage_kv_matches_fresh_forward_after_every_step(tiny, tiny_executor, ex
             assert [snap.layer_range for snap in snapshots] == [(0, 3), (3, 6)]
             for seq in engine.scheduler.running.values():
                 rejections += seq.stats.levels[-1].proposed - seq.stats.levels[-1].accepted
-                cache, hidden = fresh(tiny, seq.tokens)
+                cache, hidden = fresh_forward(tiny, seq.tokens)
                 for level in range(hierarchy.depth + 1):
                     lo, hi = hierarchy.layer_range(level)
                     for layer in range(lo, hi):

@@ -110,3 +110,16 @@ def drain(events: queue.Queue, timeout: float = 60.0):
         if event.result is not None:
             assert tokens == event.result.token_ids
             return tokens, event.result
+
+
+@torch.inference_mode()
+def fresh_forward(model: EarlyExitModel, tokens: list[int]):
+    """(cache, hidden states): the KV of every layer and the hidden state [T, d] after every layer,
+    from one forward over `tokens` from position 0 (what a stage's KV and rings must equal)."""
+    cache = model.new_cache(num_slots=1, capacity=len(tokens))
+    step = model.plan(cache, [0], len(tokens))
+    hidden, per_layer = model.embed(torch.tensor([tokens])), []
+    for layer in range(model.config.num_layers):
+        hidden = model.forward_layers(hidden, step, cache, layer, layer + 1)
+        per_layer.append(hidden[0])
+    return cache, per_layer

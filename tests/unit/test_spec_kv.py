@@ -9,33 +9,8 @@ import torch
 
 from hispec.engine import EngineConfig
 from hispec.engine.plan import RingKey
-from hispec.model import load_model
 from hispec.speculation import Hierarchy, Request, SamplingParams
-from tests.unit.spec_helpers import make_engine, random_prompts, tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny6")
-    tiny_model(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return load_model(model_dir)
-
-
-@torch.inference_mode()
-def fresh(model, tokens: list[int]):
-    """KV of every layer and the hidden state after every layer, from one forward over `tokens`."""
-    cache = model.new_cache(num_slots=1, capacity=len(tokens))
-    step = model.plan(cache, [0], len(tokens))
-    hidden, per_layer = model.embed(torch.tensor([tokens])), []
-    for layer in range(model.config.num_layers):
-        hidden = model.forward_layers(hidden, step, cache, layer, layer + 1)
-        per_layer.append(hidden[0])
-    return cache, per_layer
+from tests.unit.spec_helpers import fresh_forward, make_engine, random_prompts
 
 
 def check_against_fresh(engine, model, hierarchy: Hierarchy) -> int:
@@ -44,7 +19,7 @@ def check_against_fresh(engine, model, hierarchy: Hierarchy) -> int:
     W, checks = hierarchy.window, 0
     level_of = {layer: k for k in range(hierarchy.depth + 1) for layer in range(*hierarchy.layer_range(k))}
     for seq in engine.scheduler.running.values():
-        cache, hidden = fresh(model, seq.tokens)
+        cache, hidden = fresh_forward(model, seq.tokens)
         for snap in snapshots:
             lo, hi = snap.layer_range
             for layer in range(lo, hi):

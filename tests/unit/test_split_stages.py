@@ -10,7 +10,7 @@ from hispec.engine import EngineConfig
 from hispec.model.greedy import greedy_generate
 from hispec.speculation import Hierarchy, Request, SamplingParams
 from tests.unit.spec_helpers import (GRID, first_draft_proposal, make_engine, make_requests, random_prompts,
-                                     requests_for, run_with_arrivals, tiny_model)
+                                     requests_for, run_with_arrivals)
 
 PROMPT_LENGTHS = (1, 2, 5, 11, 17)
 NEW_TOKENS = 33
@@ -20,20 +20,6 @@ SOME = [((2,), (3,)), ((1, 3), (2, 4)), ((1, 2, 4), (1, 2, 3))]  # K = 1..3, exi
 split_ids = ["-".join(map(str, s)) for s in SPLITS]
 grid_ids = [f"e{e}-n{n}" for e, n in GRID]
 some_ids = [f"e{e}-n{n}" for e, n in SOME]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny6")
-    tiny_model(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    from hispec.model import load_model
-
-    return load_model(model_dir)
 
 
 @pytest.fixture(scope="module")
