@@ -60,15 +60,13 @@ class Stage:
 
     # ---- forwards ----------------------------------------------------------------------------
     def receives(self, fwd: Forward) -> bool:
-        """Whether this stage's input for `fwd` comes from the previous stage."""
-        return self.lo > 0 and fwd.lo <= self.lo < fwd.hi
+        return receives(self.lo, fwd)
 
     def sends(self, fwd: Forward) -> bool:
-        """Whether this stage hands `fwd`'s rows on (computed here, or read from its ring)."""
-        return fwd.lo <= self.hi < fwd.hi
+        return sends(self.hi, fwd)
 
     def computes(self, fwd: Forward) -> bool:
-        return max(fwd.lo, self.lo) < min(fwd.hi, self.hi)
+        return computes(self.lo, self.hi, fwd)
 
     def run(self, fwd: Forward, incoming: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[int, HeadOutput]]:
         """This stage's part of `fwd`: (rows for the next stage or None, head outputs by slot)."""
@@ -149,6 +147,26 @@ class Stage:
         if isinstance(columns, slice):
             return self._ring_view(key, fwd.feeds[0].slot, columns)
         return self._ring(key)[self._slot_rows(fwd.feeds), columns]  # [B, T, d], gathered
+
+
+def receives(lo: int, fwd: Forward) -> bool:
+    """Whether a stage starting at layer `lo` takes `fwd`'s input from the previous stage."""
+    return lo > 0 and fwd.lo <= lo < fwd.hi
+
+
+def sends(hi: int, fwd: Forward) -> bool:
+    """Whether a stage ending at layer `hi` hands `fwd`'s rows on (computed there, or read from its ring)."""
+    return fwd.lo <= hi < fwd.hi
+
+
+def computes(lo: int, hi: int, fwd: Forward) -> bool:
+    return max(fwd.lo, lo) < min(fwd.hi, hi)
+
+
+def takes_part(layer_range: tuple[int, int], plan: StepPlan) -> bool:
+    """Whether a stage owning `layer_range` has anything to do for `plan`'s forwards."""
+    lo, hi = layer_range
+    return any(computes(lo, hi, f) or sends(hi, f) or receives(lo, f) for f in plan.forwards)
 
 
 def run_stage_plan(stage: Stage, plan: StepPlan, link: StageLink | None) -> dict[int, dict[int, HeadOutput]]:

@@ -73,21 +73,38 @@ class Transport:
                 self.data = dist.ProcessGroupGloo(data_store, rank - 1, size, timeout)
 
     # ---- control: pickled objects ----------------------------------------------------------
+    # One message per object when it fits a frame (every plan and reply of a decoding step does):
+    # an 8-byte length, then the pickle, padded to FRAME bytes. Larger objects (a long prompt's
+    # prefill, a KV snapshot) send the rest as a second message of the exact size. A message costs a
+    # wake-up of gloo's I/O thread on each side, which on a busy 2-core machine costs more than the
+    # padding: two messages per round trip instead of four took a HiSpec step at batch 1 from 2.9 to
+    # 1.9 ms in the pipeline (235 -> 363 tok/s, measured back to back).
+    FRAME = 16384
+
     def send_object(self, obj, *dsts: int) -> int:
         """Pickle `obj` once and send it to every rank in `dsts`; returns its size in bytes."""
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
-        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        head = len(payload).to_bytes(8, "little") + payload[: self.FRAME - 8]
+        frame = torch.frombuffer(bytearray(head.ljust(self.FRAME, b"\0")), dtype=torch.uint8)
+        rest = torch.frombuffer(bytearray(payload[self.FRAME - 8 :]), dtype=torch.uint8) \
+            if len(payload) > self.FRAME - 8 else None
         for dst in dsts:
-            self.control.send([size], dst, 0).wait()
-            self.control.send([payload], dst, 1).wait()
-        return payload.numel()
+            self.control.send([frame], dst, 0).wait()
+            if rest is not None:
+                self.control.send([rest], dst, 1).wait()
+        return len(payload)
 
     def recv_object(self, src: int):
-        size = torch.empty(1, dtype=torch.int64)
-        self.control.recv([size], src, 0).wait()
-        payload = torch.empty(int(size), dtype=torch.uint8)
-        self.control.recv([payload], src, 1).wait()
-        return pickle.loads(payload.numpy().tobytes())
+        frame = torch.empty(self.FRAME, dtype=torch.uint8)
+        self.control.recv([frame], src, 0).wait()
+        data = frame.numpy().tobytes()
+        size = int.from_bytes(data[:8], "little")
+        payload = data[8 : 8 + size]
+        if size > self.FRAME - 8:
+            rest = torch.empty(size - (self.FRAME - 8), dtype=torch.uint8)
+            self.control.recv([rest], src, 1).wait()
+            payload += rest.numpy().tobytes()
+        return pickle.loads(payload)
 
     # ---- data: tensors between neighbouring stages --------------------------------------------
     def send_tensor(self, tensor: torch.Tensor, dst_stage: int) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from hispec.config import ModelConfig
 from hispec.engine.executor import ExecutorFailure
 from hispec.engine.plan import KVSnapshot, StepPlan, StepResult
+from hispec.engine.stage import takes_part
 from hispec.engine.transport import GroupAddress, Transport
 from hispec.pipeline.messages import Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest
 from hispec.speculation.hierarchy import Hierarchy
@@ -196,33 +197,52 @@ class PipelineExecutor:
         self._ranks = list(range(1, len(connection.stage_ranges) + 1))
         self.transport = Transport(connection.address, 0)
         self._broken: str | None = None
+        # Per rank: plans it was left out of (only their KV truncations and releases matter to it)
+        self._pending: dict[int, list[StepPlan]] = {rank: [] for rank in self._ranks}
         self.plan_bytes = 0  # control bytes sent (plans), for reports
         self.steps = 0
 
     def execute(self, plan: StepPlan) -> StepResult:
-        replies = self._round_trip(plan)
+        """Only the stages with work in `plan` get it (a HiSpec step that drafts or verifies below
+        e_v leaves the deep stages out: one control round trip less); the others keep its KV
+        truncations and releases until they next take part. They cannot miss one they need: a
+        truncation of deep layers comes from a verification that ran there, and a slot is reused
+        only after a prefill, which runs through every stage."""
+        messages = {}
+        for rank in self._ranks:
+            ops = self._pending[rank]
+            ops.append(plan)
+            if takes_part(self.stage_ranges[rank - 1], plan) or not plan.forwards:
+                messages[rank] = ops[0] if len(ops) == 1 else _merged(ops)
+                self._pending[rank] = []
         result: StepResult = [{} for _ in plan.forwards]
-        for reply in replies:
+        for reply in self._round_trip(messages):
             for i, heads in reply.items():
                 result[i].update(heads)
         self.steps += 1
         return result
 
     def snapshot(self, with_tensors: bool = False) -> list[KVSnapshot]:
-        return self._round_trip(SnapshotRequest(with_tensors))
+        self.execute(StepPlan())  # deliver what stages left out of recent steps still hold
+        return self._round_trip(dict.fromkeys(self._ranks, SnapshotRequest(with_tensors)))
 
     def stage_times(self, reset: bool = False) -> list[StageTimes]:
         """Each stage loop's busy / transport / idle seconds and bytes since the last reset."""
-        return self._round_trip(StatsRequest(reset))
+        return self._round_trip(dict.fromkeys(self._ranks, StatsRequest(reset)))
 
-    def _round_trip(self, message) -> list:
+    def _round_trip(self, messages: dict) -> list:
+        """Send each rank its message (identical messages pickled once), then read their replies in rank order."""
         if self._broken is not None:
             raise PipelineError(f"the pipeline is down: {self._broken}")
-        rank = None
+        rank = None  # the rank being read from, for the error message
         try:
-            self.plan_bytes += self.transport.send_object(message, *self._ranks) * len(self._ranks)
+            by_message: dict[int, list[int]] = {}
+            for r, message in messages.items():
+                by_message.setdefault(id(message), []).append(r)
+            for ranks in by_message.values():
+                self.plan_bytes += self.transport.send_object(messages[ranks[0]], *ranks) * len(ranks)
             replies = []
-            for rank in self._ranks:
+            for rank in messages:
                 reply = self.transport.recv_object(rank)
                 if isinstance(reply, StageFailure):
                     lo, hi = reply.layer_range
@@ -252,6 +272,13 @@ class PipelineExecutor:
             self._broken = "closed"
         time.sleep(0.05)  # let the loops read Shutdown before the sockets close
         self.transport.close()
+
+
+def _merged(plans: list[StepPlan]) -> StepPlan:
+    """The last plan, carrying the cache operations of those before it first (in order)."""
+    last = plans[-1]
+    return StepPlan(tuple(t for p in plans for t in p.truncations), tuple(s for p in plans for s in p.releases),
+                    last.forwards)
 
 
 def stage_timing_report(times: Sequence[StageTimes], wall_seconds: float) -> list[dict]:

@@ -56,6 +56,22 @@ def test_plans_go_out_and_replies_come_back():
     assert replies == [{"stage": 1, "plan_ok": True}, {"stage": 2, "plan_ok": True}]
 
 
+@pytest.mark.parametrize("size", [0, Transport.FRAME - 8 - 40, Transport.FRAME + 5, 3 * Transport.FRAME])
+def test_objects_of_any_size_cross_in_one_frame_or_two(size):
+    """Small objects travel as one padded frame; larger ones send the rest as a second message."""
+    obj = {"blob": bytes(range(256)) * (size // 256) + b"x" * (size % 256)}
+
+    def driver(t):
+        t.send_object(obj, 1)
+        return t.recv_object(1)
+
+    def stage(t):
+        t.send_object(t.recv_object(0), 0)
+
+    echoed, _ = run_ranks(driver, stage)
+    assert echoed == obj
+
+
 def test_hidden_rows_flow_from_stage_to_stage():
     rows = torch.randn(3, 5, 16)
 
