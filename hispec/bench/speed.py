@@ -101,7 +101,7 @@ class PipelineRun:
     new_tokens: int
     stage_times: list[StageTimes]  # reset before the run, read after it
     plan_bytes: int  # control bytes the driver sent (plans to every stage)
-    steps: int  # control round trips (one plan out, one reply back per stage)
+    steps: int  # engine steps (a plan out and a reply back for each stage taking part; StageTimes.steps per stage)
     hops: int  # hidden-row messages between neighbouring stages
     prefill_row_bytes: int  # of the rows those messages carried, the prompts'
 
@@ -147,10 +147,6 @@ class PipelinedMethod:
         executor = self.pipelined.executor
         counting = _CountingExecutor(executor, self.bounds, self.dtype)
         engine = SpecEngine(counting, self.hierarchy, EngineConfig(max_batch_size=batch_size, draft_vocab=self.draft_vocab))
-        # Reset twice: a stage adds the transport seconds it had before a reset to its busy time
-        # (StageActor.serve measures a message's transport as a difference across the reset); the
-        # second reset leaves only the first one's reply (~0.1 ms) in the counters.
-        executor.stage_times(reset=True)
         executor.stage_times(reset=True)
         plan_bytes = executor.plan_bytes
         started = time.perf_counter()

@@ -197,7 +197,7 @@ class PipelineExecutor:
         self._ranks = list(range(1, len(connection.stage_ranges) + 1))
         self.transport = Transport(connection.address, 0)
         self._broken: str | None = None
-        # Per rank: plans it was left out of (only their KV truncations and releases matter to it)
+        # Per rank: the KV truncations and releases of the plans it was left out of, not yet delivered
         self._pending: dict[int, list[StepPlan]] = {rank: [] for rank in self._ranks}
         self.plan_bytes = 0  # control bytes sent (plans), for reports
         self.steps = 0
@@ -210,11 +210,12 @@ class PipelineExecutor:
         only after a prefill, which runs through every stage."""
         messages = {}
         for rank in self._ranks:
-            ops = self._pending[rank]
-            ops.append(plan)
+            pending = self._pending[rank]
             if takes_part(self.stage_ranges[rank - 1], plan) or not plan.forwards:
-                messages[rank] = ops[0] if len(ops) == 1 else _merged(ops)
+                messages[rank] = _after(pending, plan) if pending else plan
                 self._pending[rank] = []
+            elif plan.truncations or plan.releases:
+                pending.append(StepPlan(plan.truncations, plan.releases))
         result: StepResult = [{} for _ in plan.forwards]
         for reply in self._round_trip(messages):
             for i, heads in reply.items():
@@ -274,11 +275,10 @@ class PipelineExecutor:
         self.transport.close()
 
 
-def _merged(plans: list[StepPlan]) -> StepPlan:
-    """The last plan, carrying the cache operations of those before it first (in order)."""
-    last = plans[-1]
-    return StepPlan(tuple(t for p in plans for t in p.truncations), tuple(s for p in plans for s in p.releases),
-                    last.forwards)
+def _after(pending: list[StepPlan], plan: StepPlan) -> StepPlan:
+    """`plan`, carrying first the cache operations of the plans a stage was left out of (in order)."""
+    return StepPlan(tuple(t for p in pending for t in p.truncations) + plan.truncations,
+                    tuple(s for p in pending for s in p.releases) + plan.releases, plan.forwards)
 
 
 def stage_timing_report(times: Sequence[StageTimes], wall_seconds: float) -> list[dict]:
