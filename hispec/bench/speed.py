@@ -33,6 +33,7 @@ from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.engine import EngineConfig, SpecEngine
 from hispec.engine.plan import StepPlan
+from hispec.engine.stage import sends
 from hispec.pipeline import stage_timing_report
 from hispec.pipeline.messages import StageTimes
 from hispec.speculation import Request, RequestStats, resolve_hierarchy
@@ -120,7 +121,7 @@ class _CountingExecutor:
     def execute(self, plan: StepPlan):
         self.steps += 1
         for forward in plan.forwards:
-            crossings = sum(forward.lo <= b < forward.hi for b in self.inner_bounds)
+            crossings = sum(sends(b, forward) for b in self.inner_bounds)  # a stage ending at b hands rows on
             self.hops += crossings
             if forward.prefill:  # rows [B, T, d] per crossing
                 self.prefill_row_bytes += crossings * len(forward.feeds) * forward.width * self.row_bytes

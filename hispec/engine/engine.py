@@ -121,8 +121,7 @@ class SpecEngine:
 
     def _step(self) -> list[StepOutput]:
         scheduled = self.scheduler.schedule()
-        plan = scheduled.plan
-        result = self.executor.execute(plan) if plan.forwards or plan.truncations or plan.releases else []
+        result = [] if scheduled.plan.empty else self.executor.execute(scheduled.plan)
         outputs = self.scheduler.apply(scheduled, self._decide(scheduled, result))
         if not self.scheduler.has_unfinished():
             self.sync()  # idle: release the last slots now, not with a next plan that may never come
@@ -144,7 +143,7 @@ class SpecEngine:
         """Send pending KV truncations and releases to the executor now (normally they ride along
         with the next step's plan)."""
         plan = self.scheduler.take_cache_ops()
-        if plan.truncations or plan.releases:
+        if not plan.empty:
             self.executor.execute(plan)
 
     def snapshot(self, with_tensors: bool = False) -> list[KVSnapshot]:

@@ -82,6 +82,11 @@ class StepPlan:
     releases: tuple[int, ...] = ()
     forwards: tuple[Forward, ...] = ()
 
+    @property
+    def empty(self) -> bool:
+        """Nothing for any executor to do."""
+        return not (self.forwards or self.truncations or self.releases)
+
 
 @dataclass(frozen=True, slots=True)
 class HeadOutput:

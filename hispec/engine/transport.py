@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import pickle
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +36,6 @@ class GroupAddress:
     port: int
     world_size: int  # 1 driver + S stages
     data_backend: str  # "gloo" | "nccl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def host_store(world_size: int, host: str) -> tuple[dist.TCPStore, int]:

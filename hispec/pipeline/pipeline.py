@@ -123,15 +123,14 @@ class Pipeline:
             if not ready:
                 ray.util.remove_placement_group(placement_group)
                 raise TimeoutError(f"no room for the pipeline's bundles {spec.bundles()} after {spec.ready_timeout_s:.0f} s")
-        actors = []
+        actors, bundles = [], spec.bundles()
         try:
             for s, (lo, hi) in enumerate(spec.stage_ranges()):
                 stage = StageSpec(s, spec.model_path, (lo, hi), with_embeddings=lo == 0, with_head=spec.needs_head(s),
                                   num_slots=spec.num_slots, capacity=spec.capacity, dtype=spec.dtype,
                                   device=spec.device, threads=spec.threads_per_stage)
-                bundle = spec.bundles()[s]
                 actors.append(StageActor.options(
-                    num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), name=None,
+                    num_cpus=bundles[s]["CPU"], num_gpus=bundles[s].get("GPU", 0),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, first_bundle + s),
                 ).remote(stage))
             ray.get([a.ping.remote() for a in actors], timeout=spec.ready_timeout_s)  # loaded
@@ -185,9 +184,11 @@ class Pipeline:
 
 
 class PipelineExecutor:
-    """The driver's end (rank 0): sends each plan to every stage, gathers head outputs and errors.
+    """The driver's end (rank 0): sends each plan to the stages taking part in it, gathers head
+    outputs and errors.
 
-    Per step: one pickled plan to each stage, hidden rows stage to stage, one reply per stage."""
+    Per step: one pickled plan to each stage taking part, hidden rows stage to stage, one reply from
+    each of those stages."""
 
     def __init__(self, connection: PipelineConnection) -> None:
         self.connection = connection
@@ -258,10 +259,6 @@ class PipelineExecutor:
             where = f"stage {rank - 1}" if rank else "a stage"
             self._broken = f"{where} is unreachable ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
             raise PipelineError(f"the pipeline is down: {self._broken}") from error
-
-    @property
-    def broken(self) -> str | None:
-        return self._broken
 
     def close(self) -> None:
         """Stop the stage loops (they return) and leave the groups."""

@@ -67,8 +67,7 @@ class StageActor:
 
         from hispec.model import load_model
 
-        torch.set_num_threads(spec.threads)
-        os.environ["OMP_NUM_THREADS"] = str(spec.threads)
+        torch.set_num_threads(spec.threads)  # also OpenMP's: the C++ layer stack runs on torch's pool
         self.spec = spec
         device = spec.device
         if device == "cuda":

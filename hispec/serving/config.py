@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hispec.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from hispec.config import EngineConfig, ModelConfig
+    from hispec.speculation import BatchPolicy
 
 
 class AppArgs(BaseModel):
@@ -66,14 +70,10 @@ class AppArgs(BaseModel):
         if (self.exits or self.budgets) and self.method in ("auto", "ar"):
             raise ValueError(f"method {self.method} takes no exits/budgets")
         if self.pipeline_stages > 1:
-            from hispec.config import ModelConfig
             from hispec.pipeline.build import check_num_stages
-            from hispec.speculation import resolve_policy
 
-            layers = ModelConfig.from_pretrained(self.model).num_layers
             try:
-                check_num_stages(resolve_policy(self.method, layers, self.model, self.exits, self.budgets),
-                                 self.pipeline_stages)
+                check_num_stages(self.policy(), self.pipeline_stages)
             except ValueError as error:
                 raise ValueError(f"pipeline_stages: {error}") from None
         if self.stage_gpus and self.device == "cpu":
@@ -82,6 +82,23 @@ class AppArgs(BaseModel):
             raise ValueError(f"placement_strategy {self.placement_strategy} applies to pipelines: it needs "
                              "pipeline_stages > 1 (a single-process engine reserves no placement group)")
         return self
+
+    def checkpoint_config(self) -> "ModelConfig":
+        """The checkpoint's architecture (its config.json)."""
+        from hispec.config import ModelConfig
+
+        return ModelConfig.from_pretrained(self.model)
+
+    def policy(self) -> "BatchPolicy":
+        """The decoding policy these args ask for (tuned or explicit hierarchies, see resolve_policy)."""
+        from hispec.speculation import resolve_policy
+
+        return resolve_policy(self.method, self.checkpoint_config().num_layers, self.model, self.exits, self.budgets)
+
+    def engine_config(self) -> "EngineConfig":
+        from hispec.config import EngineConfig
+
+        return EngineConfig(self.max_batch_size, self.max_context)
 
     def placement_bundles(self) -> list[dict[str, float]] | None:
         """The engine replica's placement group: bundle 0 for the replica (CPU only: its stage actors

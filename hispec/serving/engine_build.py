@@ -8,11 +8,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hispec.config import ModelConfig
 from hispec.model import load_model
 from hispec.serving.config import AppArgs
-from hispec.engine import EngineConfig, SpecEngine
-from hispec.speculation import resolve_policy
+from hispec.engine import SpecEngine
 
 if TYPE_CHECKING:
     from hispec.pipeline import PipelineConnection, PipelineSpec
@@ -36,9 +34,7 @@ def build_engine(args: AppArgs, connection: "PipelineConnection | None" = None) 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    config = ModelConfig.from_pretrained(args.model)
-    policy = resolve_policy(args.method, config.num_layers, args.model, args.exits, args.budgets)
-    engine_config = EngineConfig(args.max_batch_size, args.max_context)
+    policy, engine_config = args.policy(), args.engine_config()
     if connection is not None:
         from hispec.pipeline import PipelineExecutor
 
@@ -56,10 +52,8 @@ def pipeline_spec_for(args: AppArgs) -> "PipelineSpec":
     """The pipeline a replica reserves for `args` (stage split measured on this machine)."""
     from hispec.pipeline.build import pipeline_spec
 
-    config = ModelConfig.from_pretrained(args.model)
-    policy = resolve_policy(args.method, config.num_layers, args.model, args.exits, args.budgets)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and args.stage_gpus) else "cpu"
-    return pipeline_spec(args.model, policy, args.pipeline_stages, args.max_batch_size,
-                         EngineConfig(args.max_batch_size, args.max_context).capacity(config.max_position_embeddings),
+    return pipeline_spec(args.model, args.policy(), args.pipeline_stages, args.max_batch_size,
+                         args.engine_config().capacity(args.checkpoint_config().max_position_embeddings),
                          dtype=args.dtype, device=device, cpus_per_stage=args.stage_cpus,
                          threads_per_stage=args.stage_threads)
