@@ -6,18 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from hispec.errors import InvalidRequest
 from hispec.speculation.sampling import SamplingParams
 
 
-class InvalidArgument(ValueError):
-    """A bad request field: gRPC INVALID_ARGUMENT, HTTP 400. `field` uses the caller's API names."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-    def __reduce__(self):  # crosses Ray calls (engine -> ingress -> proxy) intact
-        return type(self), (self.field, self.message)
+# A bad request field: gRPC INVALID_ARGUMENT, HTTP 400 (the engine raises the same class).
+InvalidArgument = InvalidRequest
 
 
 @dataclass(frozen=True)
