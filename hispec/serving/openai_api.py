@@ -16,15 +16,20 @@ from hispec.serving.params import GenerationParams, InvalidArgument, Limits, gen
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}
 
 
+# strict: a value of the wrong JSON type is refused, never coerced ("16" is not a max_tokens, "yes" not a
+# stream, 1.0 not a token id); an integer is still a number for the float fields.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class CompletionRequest(BaseModel):
     """POST /v1/completions. Ranges are checked by `hispec.serving.params` (one rule set for both APIs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     model: str | None = None
     prompt: str | list[str] | list[int] = Field(..., description="text, several texts (one choice each), "
@@ -121,7 +126,8 @@ class CompletionBuilder:
 
 def field_path(model: type[BaseModel], loc: tuple) -> str | None:
     """The field an error location names ("stream_options.include_usage"), without pydantic's
-    union-member tags ("prompt.str" -> "prompt")."""
+    union-member tags ("prompt.str" -> "prompt"); None where it names no field (invalid JSON's
+    location is a character offset)."""
     parts = []
     for part in loc:
         fields = getattr(model, "model_fields", None)
@@ -131,7 +137,7 @@ def field_path(model: type[BaseModel], loc: tuple) -> str | None:
         model = fields[part].annotation
         model = next((a for a in getattr(model, "__args__", (model,)) if isinstance(a, type)
                       and issubclass(a, BaseModel)), model)
-    return ".".join(parts) or (str(loc[0]) if loc else None)
+    return ".".join(parts) or (loc[0] if loc and isinstance(loc[0], str) else None)
 
 
 def sse(body: dict | str) -> str:
