@@ -42,6 +42,27 @@ class AppArgs(BaseModel):
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads of the engine replica "
                                       "(default: the replica's CPUs, at least 1)")
 
+    # ---- memory and load -------------------------------------------------------------------
+    kv_cache_memory: int | None = Field(None, ge=1, description="bytes for the KV cache of all layers (summed over "
+                                        "pipeline stages); it decides how many sequences run at once (at most "
+                                        "max_batch_size). Default: kv_cache_memory_fraction of the free memory")
+    kv_cache_memory_fraction: float | None = Field(None, gt=0, le=0.95, description="share of the device's "
+                                                   "available memory the KV cache may take (default 0.5 when "
+                                                   "kv_cache_memory is not set either)")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per engine step: a long "
+                                      "prompt enters in chunks between decoding steps, so running streams keep "
+                                      "their pace")
+    max_queued_requests: int = Field(64, ge=0, description="requests one engine replica holds beyond its running "
+                                     "sequences; more are refused at once (gRPC RESOURCE_EXHAUSTED, HTTP 429)")
+    max_prompts_per_request: int = Field(16, ge=1, le=1024, description="prompts one /v1/completions request may "
+                                         "carry (one choice each)")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest HTTP request body accepted (HTTP 413 "
+                                   "beyond); gRPC messages are bounded by the proxy (RAY_SERVE_GRPC_MAX_MESSAGE_SIZE)")
+    api_key_env: str | None = Field("HISPEC_API_KEY", description="environment variable holding the API key: when "
+                                    "it is set and not empty, every route and RPC needs it (HTTP `Authorization: "
+                                    "Bearer KEY`, gRPC metadata `authorization: Bearer KEY`); the key itself never "
+                                    "sits in a config file")
+
     pipeline_stages: int = Field(1, ge=1, le=64, description="split the model by depth into this many stage "
                                  "actors (stage 0: embeddings + layers up to the deepest exit; the rest by measured "
                                  "cost); 1: one engine process holds the whole model")
@@ -78,6 +99,8 @@ class AppArgs(BaseModel):
                 raise ValueError(f"pipeline_stages: {error}") from None
         if self.stage_gpus and self.device == "cpu":
             raise ValueError("stage_gpus needs device cuda or auto")
+        if self.kv_cache_memory is not None and self.kv_cache_memory_fraction is not None:
+            raise ValueError("give kv_cache_memory or kv_cache_memory_fraction, not both")
         if self.pipeline_stages == 1 and self.placement_strategy != "PACK":
             raise ValueError(f"placement_strategy {self.placement_strategy} applies to pipelines: it needs "
                              "pipeline_stages > 1 (a single-process engine reserves no placement group)")
@@ -98,7 +121,7 @@ class AppArgs(BaseModel):
     def engine_config(self) -> "EngineConfig":
         from hispec.config import EngineConfig
 
-        return EngineConfig(self.max_batch_size, self.max_context)
+        return EngineConfig(self.max_batch_size, self.max_context)  # WIRE-KV
 
     def placement_bundles(self) -> list[dict[str, float]] | None:
         """The engine replica's placement group: bundle 0 for the replica (CPU only: its stage actors
@@ -107,6 +130,12 @@ class AppArgs(BaseModel):
             return None
         stage = {"CPU": 1.0, "GPU": 1.0} if self.stage_gpus else {"CPU": self.stage_cpus}
         return [{"CPU": self.replica_cpus}] + [dict(stage) for _ in range(self.pipeline_stages)]
+
+    def api_key(self) -> str | None:
+        """The key clients must present, read from the environment of the process asking (None: open)."""
+        import os
+
+        return (os.environ.get(self.api_key_env) or None) if self.api_key_env else None
 
     @property
     def served_name(self) -> str:

@@ -18,13 +18,15 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from hispec.engine import ExecutorFailure
+from hispec.errors import EngineUnavailable, InvalidRequest, Overloaded
 from hispec.serving.config import AppArgs
 from hispec.serving.engine_build import build_engine, detokenizer, pipeline_spec_for
 from hispec.serving.engine_loop import Failed
 from hispec.serving.engine_process import EngineProcess
 from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.metrics import EngineMetrics, GpuMonitor
-from hispec.serving.params import GenerationParams, InvalidArgument, Limits
+from hispec.serving.params import GenerationParams, Limits
 from hispec.speculation import Request
 from hispec.speculation.request import cut_at_stop
 from hispec.speculation.text import StreamingText
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 @serve.deployment(
     name="HiSpecEngine",
     # Many concurrent streams per replica: they are batched together, not served one at a time.
-    max_ongoing_requests=64,
+    max_ongoing_requests=96,  # above max_batch_size + max_queued_requests: the replica refuses first
     autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
@@ -50,12 +52,14 @@ class HiSpecEngine:
         self.gpus = GpuMonitor()
         self.pipeline = None  # with pipeline_stages > 1: the stage actors in this replica's placement group
         self._rebuilding = asyncio.Lock()
+        self._open = 0  # requests in this replica (running, queued in the engine, or being set up)
         self.engine = self._start_engine()
         summary = self.engine.summary
         self.info = EngineInfo(self.args.served_name, summary.num_layers, summary.vocab_size, self.args.max_batch_size,
                                [summary.policy],
                                Limits(summary.capacity, summary.vocab_size, self.args.default_max_new_tokens,
                                       self.args.max_prompt_chars, self.args.max_stop_strings))
+        self.max_open = summary.max_batch_size + self.args.max_queued_requests
         log.info("engine ready (process %s): %s, policy %s", self.engine.pid, self.args.model, summary.policy)
 
     def _start_engine(self) -> EngineProcess:
@@ -78,34 +82,53 @@ class HiSpecEngine:
                 self.pipeline.shutdown()
             raise
 
-    def _pipeline_down(self) -> str | None:
-        """Why the pipeline cannot serve (its engine process exited or a stage died), or None."""
-        if self.pipeline is None:
-            return None
+    def _engine_down(self) -> str | None:
+        """Why the engine cannot serve (its process exited, or a pipeline stage died), or None."""
         if not self.engine.alive:
             return "the engine process stopped"
-        return self.pipeline.failure()
+        return self.pipeline.failure() if self.pipeline is not None else None
 
     async def _ensure_engine(self) -> None:
-        """Rebuild the pipeline and its engine process in place when a stage or the engine died
-        (requests that ran on it have already ended with the error; new ones wait for the rebuild)."""
-        if self._pipeline_down() is None:
+        """Rebuild the engine process (and its pipeline) in place when it died: requests that ran on
+        it have already ended with UNAVAILABLE; new ones wait here for the rebuild, and health
+        reports "not serving" meanwhile."""
+        if self._engine_down() is None:
             return
         async with self._rebuilding:
-            reason = self._pipeline_down()
+            reason = self._engine_down()
             if reason is None:
                 return
-            log.warning("pipeline down (%s): rebuilding it", reason)
+            log.warning("engine down (%s): rebuilding it", reason)
+            started = time.perf_counter()
             await asyncio.to_thread(self._rebuild)
-            log.info("pipeline rebuilt: %s", self.pipeline.spec.stage_ranges())
+            log.info("engine rebuilt in %.1f s (process %s)", time.perf_counter() - started, self.engine.pid)
 
     def _rebuild(self) -> None:
         self.engine.stop(timeout_s=5)
-        self.pipeline.shutdown()
+        if self.pipeline is not None:
+            self.pipeline.shutdown()
+            self.pipeline = None
         self.engine = self._start_engine()
+
+    def _admit(self) -> None:
+        """Count a request in, or refuse it at once when running + queued requests are at the limit
+        (a bounded queue: beyond it the client hears RESOURCE_EXHAUSTED / 429 and can go elsewhere)."""
+        if self._open >= self.max_open:
+            self.metrics.rejected.inc()
+            raise Overloaded(f"the server is at capacity ({self.info.max_batch_size} running and "
+                             f"{self.args.max_queued_requests} queued requests); retry later")
+        self._open += 1
 
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[Chunk]:
         """Streams the continuation of `prompt_ids` (called with `handle.options(stream=True)`)."""
+        self._admit()  # synchronous with the check: no await between counting and the limit
+        try:
+            async for chunk in self._generate(prompt_ids, params):
+                yield chunk
+        finally:
+            self._open -= 1
+
+    async def _generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = Request(prompt_ids, params.new_tokens_for(len(prompt_ids), self.info.limits, "max_new_tokens"),
@@ -121,8 +144,7 @@ class HiSpecEngine:
                 batch = await self._next_batch(events, first)
                 if isinstance(batch[-1], Failed):
                     finished = True
-                    error = batch[-1].error
-                    raise InvalidArgument("prompt", str(error)) if isinstance(error, ValueError) else error
+                    raise self._by_cause(batch[-1].error, request.request_id, streamed=not first)
                 token_ids = [t for event in batch for t in event.token_ids]
                 now = time.perf_counter()
                 self.metrics.observe_tokens(len(token_ids), now - last, first)
@@ -142,6 +164,19 @@ class HiSpecEngine:
         finally:
             if not finished:  # the caller went away (client disconnect, cancellation)
                 self.engine.abort(request.request_id)
+                self.metrics.cancelled.inc()
+
+    def _by_cause(self, error: Exception, request_id: str, streamed: bool) -> Exception:
+        """What a failed request raises to the ingress: client errors as they are, engine failures as
+        EngineUnavailable (retryable while nothing was streamed; the engine is rebuilt at once), anything
+        else as an internal error, logged here with the request id."""
+        if isinstance(error, InvalidRequest | Overloaded):
+            return error
+        if isinstance(error, EngineUnavailable | ExecutorFailure):
+            asyncio.get_running_loop().create_task(self._ensure_engine())
+            return EngineUnavailable(str(error), retryable=not streamed)
+        log.error("request %s failed inside the engine: %s: %s", request_id, type(error).__name__, error)
+        return RuntimeError(f"internal error in the engine (request {request_id}): {type(error).__name__}: {error}")
 
     async def _next_batch(self, events: asyncio.Queue, first: bool) -> list:
         """The events of the next chunk: one, then (unless it is the first) whatever else is committed
@@ -166,12 +201,13 @@ class HiSpecEngine:
 
     def load(self) -> dict:
         snap = self.engine.snapshot()
-        return {"serving": self.engine.alive, "active_sequences": snap.active, "queued_requests": snap.queued}
+        return {"serving": self._engine_down() is None and not self._rebuilding.locked(),
+                "active_sequences": snap.active, "queued_requests": snap.queued}
 
     async def check_health(self) -> None:
-        """Serve restarts the replica when this raises. A pipeline is rebuilt in place instead."""
-        if self.pipeline is not None:
-            await self._ensure_engine()
+        """Serve restarts the replica when this raises; a dead engine process or stage is rebuilt in
+        place first, so only a rebuild that fails takes the replica down."""
+        await self._ensure_engine()
         if not self.engine.alive:
             raise RuntimeError("the engine process has stopped")
 

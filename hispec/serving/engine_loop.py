@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hispec.engine import ExecutorFailure, SpecEngine
+from hispec.errors import EngineUnavailable
 from hispec.speculation.request import GenerationResult, Request
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,9 @@ class EngineLoop:
     def _admit(self, request: Request, sink: Sink) -> None:
         try:
             self.engine.add_request(request)
-        except ValueError as error:
+        except Exception as error:  # refused (InvalidRequest), or a bug: this request fails, the loop goes on
+            if not isinstance(error, ValueError):
+                log.exception("admitting request %s failed", request.request_id)
             sink(Failed(error))
             return
         self._sinks[request.request_id] = sink
@@ -154,13 +157,13 @@ class EngineLoop:
             outputs = self.engine.step()
         except ExecutorFailure as error:  # e.g. a pipeline stage died: nothing more can run here
             log.error("engine executor failed; failing %d requests and stopping: %s", len(self._sinks), error)
-            self._fail_all(error)
+            self._fail_all(EngineUnavailable(f"the engine failed and is being rebuilt: {error}"))
             with self._wakeup:
                 self._stopping = True  # the loop ends; its owner rebuilds the engine
             return
-        except Exception as error:  # a bug, or out of memory: fail what ran, keep serving the rest
-            log.exception("engine step failed; aborting %d running requests", len(self._sinks))
-            self._fail_all(error)
+        except Exception as error:  # a bug, or out of memory: fail what ran (INTERNAL), keep serving the rest
+            log.exception("engine step failed; aborting running requests %s", sorted(self._sinks))
+            self._fail_all(RuntimeError(f"engine step failed: {type(error).__name__}: {error}"))
             return
         for out in outputs:
             sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)

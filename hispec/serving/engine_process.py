@@ -31,6 +31,7 @@ from multiprocessing.connection import Connection
 
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed, LoopSnapshot, Sink
 from hispec.engine import SpecEngine
+from hispec.errors import EngineUnavailable
 from hispec.speculation.hierarchy import Hierarchy
 from hispec.speculation.request import Request
 
@@ -132,7 +133,7 @@ class EngineProcess:
                     del self._sinks[request.request_id]
                     sent = False
         if not sent:
-            sink(Failed(RuntimeError("the engine process is not running")))
+            sink(Failed(EngineUnavailable("the engine process is not running; it is being rebuilt")))
 
     def abort(self, request_id: str) -> None:
         """Drop a request (e.g. its client went away); its sink hears nothing more."""
@@ -170,7 +171,8 @@ class EngineProcess:
         finally:
             self._exited.set()
             self._process.join(5)
-            error = RuntimeError(f"the engine process exited (exit code {self._process.exitcode})")
+            error = EngineUnavailable(f"the engine process exited (exit code {self._process.exitcode}); "
+                                      "it is being rebuilt")
             with self._lock:
                 sinks, self._sinks = list(self._sinks.values()), {}
             for sink in sinks:

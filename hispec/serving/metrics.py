@@ -45,6 +45,10 @@ class EngineMetrics:
         self.step_time = Histogram("hispec_engine_step_seconds", "one engine step (all running sequences)",
                                    boundaries=_TOKEN_LATENCY_S)
         self.busy = Counter("hispec_engine_busy_seconds", "time the engine thread spent in steps")
+        self.rejected = Counter("hispec_requests_rejected", "requests refused at once: the replica held as many "
+                                "as it may (RESOURCE_EXHAUSTED / 429)")
+        self.cancelled = Counter("hispec_requests_cancelled", "requests whose caller went away before the end "
+                                 "(their KV slots freed at the next engine step)")
         self._totals: dict[tuple[str, int], list[int]] = {}
         self._lock = threading.Lock()
 

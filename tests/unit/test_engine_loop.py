@@ -7,6 +7,7 @@ import pytest
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
 from hispec.serving.engine_loop import Committed, EngineLoop, Failed
+from hispec.errors import EngineUnavailable
 from hispec.engine import EngineConfig, ExecutorFailure, SpecEngine
 from hispec.speculation import Hierarchy, Request, SamplingParams
 from tests.unit.spec_helpers import collect, drain, random_prompts
@@ -106,7 +107,8 @@ def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving(checkpoint
 
 def test_an_executor_failure_fails_every_request_and_stops_the_loop(checkpoint):
     """A dead executor (e.g. a pipeline stage died) cannot run anything more: every request the loop
-    holds ends with that error at once and the loop stops, so its owner rebuilds the engine."""
+    holds ends at once as EngineUnavailable (UNAVAILABLE / 503, naming the cause) and the loop stops,
+    so its owner rebuilds the engine."""
     loop = start_loop(checkpoint)
     try:
         executor = loop.engine.executor
@@ -122,7 +124,8 @@ def test_an_executor_failure_fails_every_request_and_stops_the_loop(checkpoint):
         streams = [collect(loop, Request([1, 2, 3 + i], 200, stop_token_ids=())) for i in range(3)]
         for events in streams:
             _, failed = drain(events, timeout=10)
-            assert isinstance(failed, Failed) and isinstance(failed.error, ExecutorFailure)
+            assert isinstance(failed, Failed) and isinstance(failed.error, EngineUnavailable)
+            assert "stage 1 is unreachable" in str(failed.error)
         loop._thread.join(10)  # noqa: SLF001
         assert not loop.alive
     finally:
