@@ -63,33 +63,37 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _ready(http: str, grpc_target: str) -> bool:
+def _ready(http: str, grpc_target: str, api_key: str | None = None) -> bool:
     import grpc
 
     from hispec.rpc import hispec_pb2 as pb
     from hispec.rpc import hispec_pb2_grpc as rpc
 
     try:
-        if requests.get(f"{http}/healthz", timeout=5).status_code != 200:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if requests.get(f"{http}/healthz", timeout=5, headers=headers).status_code != 200:
             return False
+        metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         with grpc.insecure_channel(grpc_target) as channel:
-            return rpc.HiSpecStub(channel).Health(pb.HealthRequest(), timeout=10).serving
+            return rpc.HiSpecStub(channel).Health(pb.HealthRequest(), timeout=10, metadata=metadata).serving
     except (requests.RequestException, grpc.RpcError):
         return False
 
 
 def _config_on_ports(config: str, http_port: int | None, grpc_port: int | None,
-                     tmp: Path) -> tuple[str, int, int]:
+                     tmp: Path, args: dict | None = None) -> tuple[str, int, int]:
     """(config to run, its HTTP port, its gRPC port): `config` itself, or a copy of it in `tmp`
-    with the requested ports where they differ from its own."""
+    with the requested ports where they differ from its own and `args` merged into its app's args."""
     with open(ROOT / config) as f:
         spec = yaml.safe_load(f)
     own_http = spec.get("http_options", {}).get("port", HTTP_PORT)
     own_grpc = spec.get("grpc_options", {}).get("port", GRPC_PORT)
     http_port = own_http if http_port is None else http_port
     grpc_port = own_grpc if grpc_port is None else grpc_port
-    if (http_port, grpc_port) == (own_http, own_grpc):
+    if (http_port, grpc_port) == (own_http, own_grpc) and not args:
         return config, http_port, grpc_port
+    if args:
+        spec["applications"][0].setdefault("args", {}).update(args)
     spec.setdefault("http_options", {})["port"] = http_port
     spec.setdefault("grpc_options", {})["port"] = grpc_port
     copy = tmp / Path(config).name
@@ -99,22 +103,24 @@ def _config_on_ports(config: str, http_port: int | None, grpc_port: int | None,
 
 @contextlib.contextmanager
 def running_server(config: str, log: Path, http_port: int | None = None,
-                   grpc_port: int | None = None) -> Iterator[Server]:
+                   grpc_port: int | None = None, env: dict[str, str] | None = None,
+                   args: dict | None = None) -> Iterator[Server]:
     """Starts `serve run config` (a local Ray cluster of its own) and stops it on exit. With
     `http_port`/`grpc_port`, serves on those instead of the config's (from a copy of the config),
-    so that a second server can run beside one on the usual ports."""
+    so that a second server can run beside one on the usual ports. `env` adds environment variables
+    (the Ray cluster's processes inherit them), `args` overrides entries of the application's args."""
     with tempfile.TemporaryDirectory(prefix="hispec-serve-") as tmp:
-        config, http_port, grpc_port = _config_on_ports(config, http_port, grpc_port, Path(tmp))
-        with _serve(config, log, http_port, grpc_port) as server:
+        config, http_port, grpc_port = _config_on_ports(config, http_port, grpc_port, Path(tmp), args)
+        with _serve(config, log, http_port, grpc_port, env or {}) as server:
             yield server
 
 
 @contextlib.contextmanager
-def _serve(config: str, log: Path, http_port: int, grpc_port: int) -> Iterator[Server]:
+def _serve(config: str, log: Path, http_port: int, grpc_port: int, extra_env: dict[str, str]) -> Iterator[Server]:
     busy = [p for p in (http_port, grpc_port) if not _port_free(p)]
     if busy:
         raise ServerFailed(f"ports {busy} are in use: stop the server holding them (e.g. `serve shutdown`) first")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | extra_env
     serve = Path(sys.executable).parent / "serve"
     with open(log, "wb") as out:
         process = subprocess.Popen([str(serve), "run", config], cwd=ROOT, env=env, stdout=out,
@@ -122,7 +128,7 @@ def _serve(config: str, log: Path, http_port: int, grpc_port: int) -> Iterator[S
     server = Server(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log, process.pid)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _ready(server.http, server.grpc):
+        while not _ready(server.http, server.grpc, extra_env.get("HISPEC_API_KEY")):
             if process.poll() is not None:
                 raise ServerFailed(f"`serve run` exited with {process.returncode}:\n{server.log_tail()}")
             if time.monotonic() > deadline:

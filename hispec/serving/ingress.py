@@ -163,7 +163,7 @@ class HiSpecIngress:
         self.metrics.received("grpc", "GenerateStream")
         request_id = request.request_id or f"gen-{uuid.uuid4().hex}"
         if not self._grpc_authorized(grpc_context, "GenerateStream"):
-            return
+            raise PermissionError("unauthenticated")  # a stream keeps the status set above only when it raises
         try:
             prompt_ids, params = await self._grpc_prepare(request)
             async for chunk in self._stream(prompt_ids, params):
