@@ -129,13 +129,15 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     return RopeConfig(**kwargs)
 
 
+DEFAULT_KV_CACHE_MEMORY_FRACTION = 0.5  # of the device's available memory, when no budget is given
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine batches and bounds its sequences (the same whatever executes the forwards)."""
 
-    max_batch_size: int = 16  # sequences decoded together (KV cache slots)
+    max_batch_size: int = 16  # most sequences decoded together (KV cache slots, if the memory budget holds them)
     max_context: int | None = None  # tokens per sequence (prompt + new); default: the model's limit
-    max_prefill_tokens: int = 4096  # prompt tokens admitted per step (at least one request)
     # Verify in step with the batch: a greedy sequence with proposals waiting at a level someone
     # else verifies this step verifies them too (see align_actions). Output is the same either way.
     align_verification: bool = True
@@ -144,17 +146,42 @@ class EngineConfig:
     # lossless, since only the target's distribution decides; cheaper when the full head does
     # not fit the cache. None: the full head everywhere. Sampled sequences always use the full head.
     draft_vocab: int | None = None
+    # The KV cache's memory budget (hispec.kv.budget.plan_kv_cache): bytes for the KV of every
+    # layer (summed over pipeline stages), or a share of the device memory available when the
+    # cache is made. At most one; neither: DEFAULT_KV_CACHE_MEMORY_FRACTION. The budget decides
+    # how many sequences of `capacity` tokens run at once (at most max_batch_size).
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float | None = None
+    # Prompt tokens run per step, over every sequence being prefilled: a longer prompt enters over
+    # several steps, each also running the decoding forwards of the batch (chunked prefill).
+    prefill_chunk_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError("max_context must be >= 2")
-        if self.max_prefill_tokens < 1:
-            raise ValueError("max_prefill_tokens must be >= 1")
+        if self.prefill_chunk_tokens < 1:
+            raise ValueError("prefill_chunk_tokens must be >= 1")
         if self.draft_vocab is not None and self.draft_vocab < 1:
             raise ValueError("draft_vocab must be >= 1 (or None: the full head)")
+        if self.kv_cache_memory is not None and self.kv_cache_memory_fraction is not None:
+            raise ValueError("give kv_cache_memory or kv_cache_memory_fraction, not both")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError("kv_cache_memory must be >= 1 byte")
+        if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
 
     def capacity(self, max_position_embeddings: int) -> int:
         """Tokens per sequence: max_context, at most the model's limit."""
         return min(self.max_context or max_position_embeddings, max_position_embeddings)
+
+    def kv_budget(self, available_bytes: int | None) -> int:
+        """Bytes the KV cache may take: kv_cache_memory, or the fraction of `available_bytes`
+        (the device memory free now; needed only when no absolute budget is set)."""
+        if self.kv_cache_memory is not None:
+            return self.kv_cache_memory
+        if available_bytes is None:
+            raise ValueError("a KV budget by fraction needs the device's available memory")
+        fraction = self.kv_cache_memory_fraction
+        return int((DEFAULT_KV_CACHE_MEMORY_FRACTION if fraction is None else fraction) * available_bytes)

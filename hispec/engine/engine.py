@@ -9,6 +9,7 @@ pipeline of stage actors).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -17,12 +18,15 @@ from hispec.config import EngineConfig
 from hispec.engine.executor import Executor, LocalExecutor
 from hispec.engine.plan import KVSnapshot, StepResult
 from hispec.engine.scheduler import ScheduledStep, Scheduler
+from hispec.kv.budget import KVLayout, available_memory, plan_kv_cache
 from hispec.model.model import EarlyExitModel
 from hispec.speculation.decisions import Decider
 from hispec.speculation.hierarchy import BatchPolicy, Hierarchy
 from hispec.speculation.rejection import RejectionSampler, Verdict
 from hispec.speculation.request import GenerationResult, Request, StepOutput
 from hispec.speculation.stats import RequestStats
+
+log = logging.getLogger(__name__)
 
 
 class SpecEngine:
@@ -42,20 +46,23 @@ class SpecEngine:
             if model.layer_range != (0, L) or model.embed_tokens is None or model.lm_head is None:
                 raise ValueError("the engine needs the whole model (all layers, embeddings and head)")
             self.model = model
-            executor = LocalExecutor([model], config.max_batch_size, config.capacity(model.config.max_position_embeddings))
+            available = None if config.kv_cache_memory is not None else available_memory(model.device)
+            layout = plan_kv_cache(model.config, config, model.dtype, available)
+            executor = LocalExecutor([model], layout.num_slots, layout.capacity, layout.budget_bytes)
         else:
             self.model, executor = None, model
         cfg = self.model_config = executor.model_config
         if self.policy.choose(1).num_layers != cfg.num_layers:
             raise ValueError(f"hierarchy is for {self.policy.choose(1).num_layers} layers, the model has {cfg.num_layers}")
-        if executor.num_slots < config.max_batch_size:
-            raise ValueError(f"the executor holds {executor.num_slots} sequences, max_batch_size is {config.max_batch_size}")
         self.executor = executor
-        self.capacity = min(config.capacity(cfg.max_position_embeddings), executor.capacity)
+        self.kv_layout = _engine_layout(executor, config)
+        self.capacity = self.kv_layout.capacity  # tokens per sequence (prompt + new)
+        self.num_slots = self.kv_layout.num_slots  # sequences decoded at once
+        log.info("%s", self.kv_layout.describe())
         self.hierarchy = self.policy.choose(1)  # what a lone request gets
         self.scheduler = Scheduler(self.policy, config, vocab_size=cfg.vocab_size, capacity=self.capacity,
-                                   eos_token_ids=cfg.eos_token_ids, detokenize=detokenize)
-        self.decider = Decider(config.max_batch_size, cfg.vocab_size, verifier)
+                                   num_slots=self.num_slots, eos_token_ids=cfg.eos_token_ids, detokenize=detokenize)
+        self.decider = Decider(self.num_slots, cfg.vocab_size, verifier)
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
 
     # ---- requests ------------------------------------------------------------------------
@@ -81,6 +88,11 @@ class SpecEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def num_prefilling(self) -> int:
+        """Running sequences whose prompt is still entering (chunked prefill)."""
+        return len(self.scheduler.prefilling)
 
     @property
     def free_slots(self) -> list[int]:
@@ -166,3 +178,15 @@ class SpecEngine:
 
     def close(self) -> None:
         self.executor.close()
+
+
+def _engine_layout(executor: Executor, config: EngineConfig) -> KVLayout:
+    """The part of the executor's KV cache the engine uses: at most max_batch_size of its slots and
+    config's capacity. The executor's own layout (planned from the budget where the cache was made:
+    here for a local model, by the pipeline for stage actors) says the bytes."""
+    held: KVLayout | None = getattr(executor, "kv_layout", None)
+    num_slots = min(config.max_batch_size, executor.num_slots)
+    capacity = min(config.capacity(executor.model_config.max_position_embeddings), executor.capacity)
+    if held is None:  # an executor that does not describe its cache (e.g. a test double)
+        return KVLayout(num_slots, capacity, 0, 0)
+    return KVLayout(num_slots, capacity, held.bytes_per_token, held.total_bytes, held.budget_bytes)

@@ -18,6 +18,7 @@ import torch
 from hispec.config import ModelConfig
 from hispec.engine.plan import KVSnapshot, StepPlan, StepResult
 from hispec.engine.stage import Stage, run_stage_plan
+from hispec.kv.budget import KVLayout
 from hispec.model.model import EarlyExitModel
 
 
@@ -28,8 +29,9 @@ class ExecutorFailure(RuntimeError):
 
 class Executor(Protocol):
     model_config: ModelConfig
-    num_slots: int
-    capacity: int
+    num_slots: int  # sequences its KV cache holds
+    capacity: int  # tokens per sequence
+    # Optional: `kv_layout: KVLayout`, what the cache holds and takes in bytes (SpecEngine reports it).
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run `plan`; per forward, the head outputs by slot."""
@@ -62,7 +64,10 @@ class LocalExecutor:
     """Stages in one process, run one after the other on each plan (a stage never needs a later
     stage's output within a step: rows only flow to deeper layers)."""
 
-    def __init__(self, models: Sequence[EarlyExitModel], num_slots: int, capacity: int) -> None:
+    def __init__(self, models: Sequence[EarlyExitModel], num_slots: int, capacity: int,
+                 budget_bytes: int | None = None) -> None:
+        """`num_slots` sequences of `capacity` tokens in every stage's cache (plan them with
+        hispec.kv.budget.plan_kv_cache; `budget_bytes`: the budget they were planned within)."""
         models = list(models)
         bounds = [m.layer_range for m in models]
         L = models[0].config.num_layers
@@ -73,6 +78,8 @@ class LocalExecutor:
         self.model_config = models[0].config
         self.num_slots, self.capacity = num_slots, capacity
         self.stages = [Stage(m, num_slots, capacity) for m in models]
+        self.kv_layout = KVLayout(num_slots, capacity, sum(s.cache.bytes_per_token for s in self.stages),
+                                  sum(s.cache.nbytes for s in self.stages), budget_bytes)
         queues = [deque() for _ in range(len(models) - 1)]
         self._links = [_QueueLink(queues[i - 1] if i else None, queues[i] if i < len(queues) else None)
                        for i in range(len(models))]

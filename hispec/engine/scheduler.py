@@ -4,8 +4,10 @@ says what every forward of a step runs, and applies the verdicts that come back.
 No model, no tensors, no Ray: it is tested without a model (tests/unit/test_scheduler.py).
 
 A step, as the scheduler sees it:
-  1. `schedule()` admits waiting requests into free slots (a prefill forward over all layers),
-     asks every running sequence for its next action (draft at level 0, or verify at level k the
+  1. `schedule()` prefills: the next chunk of each prompt being prefilled, then of waiting requests
+     it admits into free slots, at most `prefill_chunk_tokens` prompt tokens in all (one forward
+     over all layers; a sequence makes its first decision with its prompt's last chunk). It asks
+     every running sequence for its next action (draft at level 0, or verify at level k the
      tokens level k-1 holds beyond level k's) and turns the actions into forwards, bottom-up:
      level j runs layers [e_{j-1}, e_j) once, as one ragged batch, for drafters (level 0),
      sequences verified at level j (their waiting tokens) and one-token "catch-up" feeds of
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from hispec.config import EngineConfig
+from hispec.errors import InvalidRequest
 from hispec.engine.plan import Feed, Forward, RingKey, StepPlan, Truncate
 from hispec.speculation.hierarchy import BatchPolicy, Hierarchy
 from hispec.speculation.rejection import Verdict
@@ -63,6 +66,19 @@ class ScheduledStep:
     decisions: tuple[Decision, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class _PrefillChunk:
+    """Prompt tokens [start, start + count) of a sequence being prefilled, run this step."""
+
+    seq: SequenceState
+    start: int
+    count: int
+
+    @property
+    def last(self) -> bool:
+        return self.start + self.count == self.seq.prompt_len
+
+
 @dataclass
 class _PlannedFeed:
     seq: SequenceState
@@ -90,9 +106,12 @@ class Scheduler:
         *,
         vocab_size: int,
         capacity: int,
+        num_slots: int | None = None,
         eos_token_ids: Sequence[int] = (),
         detokenize: Callable[[Sequence[int]], str] | None = None,
     ) -> None:
+        """`capacity`: tokens per sequence (prompt + new); `num_slots`: sequences the KV cache
+        holds (the KV layout's; default config.max_batch_size)."""
         self.policy, self.config = policy, config
         self.vocab_size, self.capacity = vocab_size, capacity
         self.eos_token_ids = tuple(eos_token_ids)
@@ -100,10 +119,16 @@ class Scheduler:
         self.draft_vocab = config.draft_vocab if config.draft_vocab is not None and config.draft_vocab < vocab_size else None
         self.lanes = {h: _Lane(h) for h in policy.hierarchies}
         self.waiting: deque[Request] = deque()
-        self.running: dict[str, SequenceState] = {}
+        self.running: dict[str, SequenceState] = {}  # every sequence holding a slot, prefilling ones too
+        # Sequences whose prompt is not all in the KV yet, in admission order: they take part in
+        # prefill forwards only, and their fed[k] (equal at every level) is the prompt tokens run so far.
+        self.prefilling: dict[str, SequenceState] = {}
         # Lowest slot first (a heap): the running batch stays packed into slots 0..B-1, so a forward
         # over all of it reads its KV rows as one view instead of gathering them.
-        self.free_slots = list(range(config.max_batch_size))
+        self.num_slots = config.max_batch_size if num_slots is None else num_slots
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {self.num_slots}")
+        self.free_slots = list(range(self.num_slots))
         self._truncations: list[Truncate] = []  # verdicts' KV rollbacks, sent with the next plan
         self._releases: list[int] = []  # finished sequences' slots, likewise
         self.forward_log: Counter[ForwardShape] = Counter()  # every forward planned, by shape
@@ -115,16 +140,22 @@ class Scheduler:
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request: Request) -> str:
-        """Queue a request; it joins the running batch at the next step with a free slot."""
+        """Queue a request; it joins the running batch at the next step with a free slot. A request
+        the engine cannot run raises InvalidRequest (the client's fault, naming the field): its
+        prompt and max_new_tokens must fit a sequence's `capacity` tokens."""
         if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
-            raise ValueError(f"prompt_ids: token ids must be in [0, {self.vocab_size})")
-        if request.max_new_tokens > 0 and len(request.prompt_ids) >= self.capacity:
-            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens leaves no room in the "
-                             f"{self.capacity}-token context")
+            raise InvalidRequest("prompt", f"token ids must be in [0, {self.vocab_size})")
+        P, new = len(request.prompt_ids), request.max_new_tokens
+        if new > 0 and P >= self.capacity:  # (max_new_tokens 0: nothing to run, finished at once)
+            raise InvalidRequest("prompt", f"a prompt of {P} tokens leaves no room in the {self.capacity}-token "
+                                 "context (prompt + new tokens)")
+        if new > 0 and P + new > self.capacity:
+            raise InvalidRequest("max_new_tokens", f"{new} new tokens after a prompt of {P} exceed the "
+                                 f"{self.capacity}-token context (prompt + new tokens): at most {self.capacity - P}")
         if request.stop_strings and self.detokenize is None:
-            raise ValueError("stop strings need an engine built with a detokenize function")
+            raise InvalidRequest("stop", "stop strings need an engine built with a detokenize function")
         if request.request_id in self.running or any(r.request_id == request.request_id for r in self.waiting):
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise InvalidRequest("request_id", f"request id {request.request_id!r} is already in use")
         self.waiting.append(request)
         return request.request_id
 
@@ -160,15 +191,16 @@ class Scheduler:
 
     # ---- planning ------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
-        """The next step: prefill of newly admitted requests, then one action per running sequence.
-        Token counts (`fed`, statistics) advance here, as the forwards will run them."""
-        active = list(self.running.values())  # admitted this step: prefill only
+        """The next step: the prompt chunks of sequences being prefilled (and of requests admitted
+        now), then one action per running sequence whose prompt is in. Token counts (`fed`,
+        statistics) advance here, as the forwards will run them."""
+        active = [seq for rid, seq in self.running.items() if rid not in self.prefilling]
         forwards: list[Forward] = []
         decisions: list[Decision] = []
-        admitted, finished_at_once = self._admit()
-        if admitted:
-            forwards.append(self._prefill_forward(admitted))
-            decisions += [Decision(seq, seq.hierarchy.depth, 0, prefill=True) for seq in admitted]
+        chunks, finished_at_once = self._prefill_chunks()
+        if chunks:
+            forwards.append(self._prefill_forward(chunks))
+            decisions += [Decision(c.seq, c.seq.hierarchy.depth, 0, prefill=True) for c in chunks if c.last]
         for lane in self.lanes.values():
             members = [seq for seq in active if seq.hierarchy == lane.hierarchy]
             if not members:
@@ -240,21 +272,34 @@ class Scheduler:
                                       head_vocab=head_vocab or 0)] += 1
         return forward
 
-    # ---- admission -------------------------------------------------------------------------
-    def _admit(self) -> tuple[list[SequenceState], list[StepOutput]]:
-        admitted, at_once, budget = [], [], self.config.max_prefill_tokens
+    # ---- admission and prefill ---------------------------------------------------------------
+    def _prefill_chunks(self) -> tuple[list[_PrefillChunk], list[StepOutput]]:
+        """This step's prompt chunks, at most `prefill_chunk_tokens` tokens in all: first the
+        sequences already being prefilled (oldest first), then waiting requests admitted into free
+        slots (first come, first served) while the budget lasts. A request with max_new_tokens 0
+        takes no slot: it finishes at once."""
+        chunks, at_once, budget = [], [], self.config.prefill_chunk_tokens
+        for seq in self.prefilling.values():
+            if budget == 0:
+                break
+            done = seq.fed[0]
+            chunks.append(_PrefillChunk(seq, done, min(seq.prompt_len - done, budget)))
+            budget -= chunks[-1].count
         while self.waiting and self.free_slots:
             request = self.waiting[0]
-            if admitted and len(request.prompt_ids) > budget:
-                break
-            self.waiting.popleft()
             if request.max_new_tokens == 0:
+                self.waiting.popleft()
                 at_once.append(StepOutput(request.request_id, [], GenerationResult(
                     request.request_id, request.prompt_ids, [], "length", RequestStats.empty(self.policy.choose(1)))))
                 continue
-            budget -= len(request.prompt_ids)
-            admitted.append(self._new_sequence(request))
-        return admitted, at_once
+            if budget == 0:
+                break
+            self.waiting.popleft()
+            seq = self._new_sequence(request)
+            self.prefilling[request.request_id] = seq
+            chunks.append(_PrefillChunk(seq, 0, min(seq.prompt_len, budget)))
+            budget -= chunks[-1].count
+        return chunks, at_once
 
     def _new_sequence(self, request: Request) -> SequenceState:
         hierarchy = self.policy.choose(len(self.running) + 1)  # by the batch size it joins
@@ -263,27 +308,32 @@ class Scheduler:
         seq = SequenceState(
             request=request, hierarchy=hierarchy, sampling=request.sampling.with_seed(),
             slot=heapq.heappop(self.free_slots), stop_token_ids=frozenset(stop_ids),
-            limit=min(P + request.max_new_tokens, self.capacity + 1),
+            limit=min(P + request.max_new_tokens, self.capacity),  # add_request refused more
             tokens=list(request.prompt_ids), accepted=[P] * (K + 1), fed=[0] * (K + 1),
             attempts=[0] * (K + 1), stats=RequestStats.empty(hierarchy),
         )
         self.running[request.request_id] = seq
         return seq
 
-    def _prefill_forward(self, admitted: list[SequenceState]) -> Forward:
-        """Whole prompts through every layer; the target's distribution after the prompt gives the
-        first token (committed at once). The prompt's last position counts as a decoding pass."""
+    def _prefill_forward(self, chunks: list[_PrefillChunk]) -> Forward:
+        """Prompt chunks through every layer, each after the KV of the chunks before it. A prompt's
+        last chunk asks for one head row: the target's distribution after the prompt gives the first
+        token (committed at once), and the prompt's last position counts as a decoding pass."""
         L = self.num_layers
         feeds = []
-        for seq in admitted:
-            P, K = seq.prompt_len, seq.hierarchy.depth
-            feeds.append(Feed(seq.slot, 0, P, 1, tuple(seq.request.prompt_ids), not seq.sampling.greedy))
-            seq.fed = [P] * (K + 1)
-            seq.stats.target_passes += 1
-            seq.stats.layer_forwards += L
-            seq.stats.layer_token_passes += L
+        for c in chunks:
+            seq = c.seq
+            last = c.last
+            feeds.append(Feed(seq.slot, c.start, c.count, 1 if last else 0,
+                              tuple(seq.request.prompt_ids[c.start : c.start + c.count]), last and not seq.sampling.greedy))
+            seq.fed = [c.start + c.count] * (seq.hierarchy.depth + 1)
+            if last:
+                del self.prefilling[seq.request.request_id]
+                seq.stats.target_passes += 1
+                seq.stats.layer_forwards += L
+                seq.stats.layer_token_passes += L
         forward = Forward(0, L, tuple(feeds), prefill=True)
-        self.forward_log[ForwardShape(L, len(feeds), forward.width, len(feeds), prefill=True)] += 1
+        self.forward_log[ForwardShape(L, len(feeds), forward.width, forward.head_row_count, prefill=True)] += 1
         return forward
 
     # ---- verdicts ----------------------------------------------------------------------------
@@ -355,6 +405,7 @@ class Scheduler:
 
     def _finish(self, seq: SequenceState) -> GenerationResult:
         del self.running[seq.request.request_id]
+        self.prefilling.pop(seq.request.request_id, None)  # aborted mid-prefill
         self._releases.append(seq.slot)
         heapq.heappush(self.free_slots, seq.slot)
         seq.stats.new_tokens = seq.committed - seq.prompt_len

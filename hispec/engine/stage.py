@@ -31,9 +31,13 @@ class StageLink(Protocol):
 
 class Stage:
     def __init__(self, model: EarlyExitModel, num_slots: int, capacity: int) -> None:
+        """`num_slots` sequences of at most `capacity` tokens (prompt + new): a sequence never runs
+        its last token through the model, so the KV cache holds capacity - 1 tokens per slot."""
+        if capacity < 2:
+            raise ValueError(f"a sequence needs a capacity of at least 2 tokens, got {capacity}")
         self.model = model
         self.lo, self.hi = model.layer_range
-        self.cache = model.new_cache(num_slots=num_slots, capacity=capacity)
+        self.cache = model.new_cache(num_slots=num_slots, capacity=capacity - 1)
         self.device, self.dtype, self.hidden_size = model.device, model.dtype, model.config.hidden_size
         self.rings: dict[RingKey, torch.Tensor] = {}  # allocated on first use
 

@@ -61,6 +61,16 @@ class KVCache:
         self._slot_indices = [torch.tensor([[slot]], device=device) for slot in range(num_slots)]
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of every K and V tensor."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K and V one token takes in all of this cache's layers."""
+        return self.nbytes // (self.num_slots * (self.capacity + 1))
+
+    @property
     def scratch_index(self) -> int:
         return self.capacity
 

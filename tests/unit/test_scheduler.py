@@ -19,6 +19,7 @@ import hispec.engine.scheduler as scheduler_module
 from hispec.config import EngineConfig
 from hispec.engine.plan import Feed, Forward, RingKey, StepPlan, Truncate
 from hispec.engine.scheduler import Decision, Scheduler, ScheduledStep
+from hispec.errors import InvalidRequest
 from hispec.speculation import BatchPolicy, Hierarchy, Request, SamplingParams, Verdict
 
 V, L = 64, 6
@@ -142,6 +143,9 @@ class Harness:
         self.scheduler = Scheduler(policy, config, vocab_size=V, capacity=capacity, eos_token_ids=eos)
         self.executor = ScriptedExecutor(config.max_batch_size, capacity, rule)
         self.plans: list[StepPlan] = []
+        # Per step: (ids of the sequences decoding before it, i.e. holding a slot with their whole
+        # prompt in the KV; the step)
+        self.steps: list[tuple[set[str], ScheduledStep]] = []
         self.streamed: dict[str, list[int]] = {}
         self.results: dict = {}  # request id -> GenerationResult
 
@@ -150,8 +154,10 @@ class Harness:
         self.scheduler.add_request(Request(prompt, max_new_tokens, request_id=request_id, **kwargs))
 
     def schedule(self) -> tuple[ScheduledStep, list[dict[int, list[int]]]]:
+        decoding = set(self.scheduler.running) - set(self.scheduler.prefilling)
         scheduled = self.scheduler.schedule()
         self.plans.append(scheduled.plan)
+        self.steps.append((decoding, scheduled))
         result = self.executor.execute(scheduled.plan)
         self.executor.check(self.scheduler)
         return scheduled, result
@@ -232,20 +238,26 @@ def test_batch_policy_lanes_share_plans(align):
 
 
 # ---- admission ---------------------------------------------------------------------------------
-def test_admission_fills_lowest_slots_within_the_prefill_budget():
-    h = Harness(Hierarchy(L, (2,), (3,)), max_batch_size=3, max_prefill_tokens=8)
+def test_admission_fills_lowest_slots_within_the_prefill_chunk():
+    h = Harness(Hierarchy(L, (2,), (3,)), max_batch_size=3, prefill_chunk_tokens=8)
     prompts = prompts_of((10, 3, 4, 2))
     for i, p in enumerate(prompts):
         h.add(p, 20, f"r{i}")
-    scheduled, _ = h.step()  # a prompt over the budget is still admitted when it comes first, alone
-    assert scheduled.plan.forwards == (Forward(0, L, (Feed(0, 0, 10, 1, tuple(prompts[0])),), prefill=True),)
+    scheduled, outputs = h.step()  # r0's first 8 tokens: no head row, no decision yet
+    assert scheduled.plan.forwards == (Forward(0, L, (Feed(0, 0, 8, 0, tuple(prompts[0][:8])),), prefill=True),)
+    assert scheduled.decisions == () and outputs == []
     assert [r.request_id for r in h.scheduler.waiting] == ["r1", "r2", "r3"]
-    scheduled, _ = h.step()  # r1 (3) and r2 (4) fit the 8 tokens and the two free slots; r3 waits for a slot
-    prefill, draft = scheduled.plan.forwards
-    assert prefill.prefill and [(f.slot, f.count) for f in prefill.feeds] == [(1, 3), (2, 4)]
-    assert [f.slot for f in draft.feeds] == [0]  # r0 drafts in the same step, after the prefill
+    scheduled, outputs = h.step()  # r0's last 2 tokens, r1 whole (3), r2's first 3 of 4; r3 waits for a slot
+    (prefill,) = scheduled.plan.forwards
+    assert [(f.slot, f.start, f.count, f.head_rows) for f in prefill.feeds] == [(0, 8, 2, 1), (1, 0, 3, 1), (2, 0, 3, 0)]
+    assert [(d.seq.slot, d.prefill) for d in scheduled.decisions] == [(0, True), (1, True)]
+    assert [o.new_token_ids for o in outputs] == [target_chain(prompts[0], 1), target_chain(prompts[1], 1)]
     assert {s.request.request_id: s.slot for s in h.scheduler.running.values()} == {"r0": 0, "r1": 1, "r2": 2}
-    assert [r.request_id for r in h.scheduler.waiting] == ["r3"]
+    assert [r.request_id for r in h.scheduler.waiting] == ["r3"] and list(h.scheduler.prefilling) == ["r2"]
+    scheduled, _ = h.step()  # r2's last token, then r0 and r1 draft in the same step
+    prefill, draft = scheduled.plan.forwards
+    assert [(f.slot, f.start, f.count) for f in prefill.feeds] == [(2, 3, 1)]
+    assert [f.slot for f in draft.feeds] == [0, 1]
     h.scheduler.abort("r1")
     scheduled, _ = h.step()
     assert scheduled.plan.releases == (1,)  # the aborted sequence's KV is released before the prefill
@@ -257,15 +269,16 @@ def test_admission_fills_lowest_slots_within_the_prefill_budget():
     assert h.scheduler.running["r4"].slot == 0 and h.scheduler.free_slots == [1]
 
 
-def test_prefill_budget_splits_admission_over_steps():
-    h = Harness(Hierarchy(L), max_batch_size=4, max_prefill_tokens=8)
+def test_prefill_chunk_splits_prompts_over_steps():
+    h = Harness(Hierarchy(L), max_batch_size=4, prefill_chunk_tokens=8)
     for i, p in enumerate(prompts_of((5, 4, 3, 6))):
         h.add(p, 5, f"r{i}")
-    admitted = []
+    chunks = []
     for _ in range(3):
         scheduled, _ = h.step()
-        admitted.append([f.slot for fwd in scheduled.plan.forwards if fwd.prefill for f in fwd.feeds])
-    assert admitted == [[0], [1, 2], [3]]  # 5 | 4 + 3 | 6: each step's prompts within 8 tokens
+        chunks.append([(f.slot, f.start, f.count) for fwd in scheduled.plan.forwards if fwd.prefill for f in fwd.feeds])
+    # 8 prompt tokens a step: 5 + 3 of 4 | the last 1 + 3 + 4 of 6 | the last 2
+    assert chunks == [[(0, 0, 5), (1, 0, 3)], [(1, 3, 1), (2, 0, 3), (3, 0, 4)], [(3, 4, 2)]]
 
 
 def test_prefill_spans_all_layers_with_one_head_row():
@@ -282,6 +295,59 @@ def test_prefill_spans_all_layers_with_one_head_row():
     assert [o.new_token_ids for o in outputs] == [target_chain(p, 1) for p in prompts]  # committed at once
     for seq in h.scheduler.running.values():
         assert seq.fed == [seq.prompt_len] * 3 and seq.accepted == [seq.prompt_len + 1] * 3
+
+
+# ---- chunked prefill ------------------------------------------------------------------------------
+@pytest.mark.parametrize("hierarchy", HIERARCHIES, ids=lambda h: h.describe())
+def test_chunked_prefill_interleaves_with_decoding(hierarchy):
+    """Prompts of 30-100 tokens enter 7 tokens a step among short ones joining mid-run: every output
+    is the target chain, no step runs more than 7 prompt tokens, a prompt's chunks follow each other
+    step by step, and every decoding sequence gets its forward in every step while others prefill."""
+    h = Harness(hierarchy, capacity=160, max_batch_size=4, prefill_chunk_tokens=7)
+    lengths, max_new = (3, 90, 1, 45, 30, 100, 2, 64), (40, 12, 30, 9, 20, 15, 25, 6)
+    prompts = prompts_of(lengths)
+    results = h.run([(3 * i, p, n, f"r{i}") for i, (p, n) in enumerate(zip(prompts, max_new))])
+    for i, (p, n) in enumerate(zip(prompts, max_new)):
+        assert results[f"r{i}"].token_ids == target_chain(p, n)
+    interleaved = 0
+    chunks_by_slot: dict[int, list[Feed]] = {}
+    for decoding, scheduled in h.steps:
+        prefills = [fwd for fwd in scheduled.plan.forwards if fwd.prefill]
+        assert len(prefills) <= 1 and (not prefills or scheduled.plan.forwards[0] is prefills[0])
+        feeds = prefills[0].feeds if prefills else ()
+        assert sum(f.count for f in feeds) <= 7
+        assert {d.seq.request.request_id for d in scheduled.decisions if not d.prefill} == decoding
+        assert sorted(d.seq.slot for d in scheduled.decisions if d.prefill) == sorted(f.slot for f in feeds if f.head_rows)
+        for f in feeds:
+            chunks_by_slot.setdefault(f.slot, []).append(f)
+        interleaved += bool(feeds and decoding)
+    assert interleaved >= 10  # long prompts did enter while others decoded
+    for slot, chunks in chunks_by_slot.items():  # a prompt's chunks follow each other, the last asks for the head
+        start = 0
+        for f in chunks:
+            assert f.start == start, (slot, chunks)
+            start = 0 if f.head_rows else f.start + f.count
+        assert start == 0
+
+
+def test_abort_mid_prefill_frees_the_slot_and_kv():
+    h = Harness(Hierarchy(L, (2,), (3,)), capacity=80, max_batch_size=2, prefill_chunk_tokens=5)
+    short, long = prompts_of((2, 40))
+    h.add(short, 30, "short")
+    h.step()
+    h.add(long, 10, "long")
+    for _ in range(3):  # 15 of its 40 tokens in; "short" decodes every step
+        scheduled, _ = h.step()
+        assert [d.seq.request.request_id for d in scheduled.decisions] == ["short"]
+    assert h.scheduler.running["long"].slot == 1 and h.executor.kv[1][L - 1] == long[:15]
+    result = h.scheduler.abort("long")
+    assert (result.finish_reason, result.token_ids) == ("abort", [])
+    assert "long" not in h.scheduler.prefilling and 1 in h.scheduler.free_slots
+    scheduled, _ = h.step()  # the release rides with the next plan; no prefill left
+    assert scheduled.plan.releases == (1,) and not any(fwd.prefill for fwd in scheduled.plan.forwards)
+    assert not any(h.executor.kv[1])
+    results = h.run()
+    assert results["short"].token_ids == target_chain(short, 30)
 
 
 # ---- forward shapes ------------------------------------------------------------------------------
@@ -508,14 +574,32 @@ def test_abort_all():
 @pytest.mark.parametrize("hierarchy", HIERARCHIES[:1] + HIERARCHIES[2:3] + HIERARCHIES[4:5] + HIERARCHIES[7:8],
                          ids=lambda h: h.describe())
 def test_context_limit(hierarchy):
-    """Capacity 8: a sequence holds at most 8 tokens of KV, so prompt + new <= 9."""
+    """Capacity 8: prompt + new tokens <= 8; requests asking for more are refused, naming the field."""
     h = Harness(hierarchy, capacity=8, max_batch_size=3)
     prompts = prompts_of((5, 7, 1))
-    results = h.run([(0, p, 30, f"r{i}") for i, p in enumerate(prompts)])
+    results = h.run([(0, p, 8 - len(p), f"r{i}") for i, p in enumerate(prompts)])
     for i, p in enumerate(prompts):
-        assert (results[f"r{i}"].token_ids, results[f"r{i}"].finish_reason) == (target_chain(p, 9 - len(p)), "context")
-    with pytest.raises(ValueError, match="leaves no room"):
+        assert (results[f"r{i}"].token_ids, results[f"r{i}"].finish_reason) == (target_chain(p, 8 - len(p)), "length")
+    with pytest.raises(InvalidRequest, match="max_new_tokens: 4 new tokens after a prompt of 5") as refused:
+        h.add(prompts_of((5,))[0], 4, "too-many")
+    assert refused.value.field == "max_new_tokens"
+    with pytest.raises(InvalidRequest, match="leaves no room") as refused:
         h.add(prompts_of((8,))[0], 1, "too-long")
+    assert refused.value.field == "prompt"
+    assert not h.scheduler.has_unfinished()
+
+
+def test_client_errors_are_invalid_requests():
+    h = Harness(Hierarchy(L), max_batch_size=1)
+    h.add([1, 2], 3, "a")
+    for kwargs, field in [(dict(prompt=[V], max_new_tokens=3), "prompt"),
+                          (dict(prompt=[1], max_new_tokens=3, stop_strings=("x",)), "stop"),
+                          (dict(prompt=[1], max_new_tokens=3, request_id="a"), "request_id")]:
+        kwargs.setdefault("request_id", "b")
+        with pytest.raises(InvalidRequest) as refused:
+            h.scheduler.add_request(Request(kwargs.pop("prompt"), kwargs.pop("max_new_tokens"), stop_token_ids=(), **kwargs))
+        assert refused.value.field == field
+    assert [r.request_id for r in h.scheduler.waiting] == ["a"]
 
 
 def test_max_new_tokens_zero_finishes_at_once():
