@@ -172,6 +172,9 @@ def test_overload_rejects_the_excess_fast_and_serves_the_rest(server, stub, expe
         assert ids == expected[prompt]
     assert wait_for(lambda: active_sequences(stub) == 0, 10)
     rss_after = _server_rss_kib(server)
+    print(f"\noverload: {offered} offered at once, {len(served)} served (all equal to greedy), {len(refused)} "
+          f"refused with RESOURCE_EXHAUSTED in <= {slowest_refusal:.2f} s; server RSS {rss_before // 1024} -> "
+          f"{rss_after // 1024} MiB")
     assert rss_after < 1.2 * rss_before, f"server RSS {rss_before} -> {rss_after} KiB"
 
 
@@ -210,13 +213,14 @@ def test_cancel_frees_the_sequence_within_a_second(server, stub, protocol, strea
     cancel()
     freed = wait_for(lambda: active_sequences(stub) == 0, 5)
     assert freed is not None and freed <= FREED_WITHIN_S, f"KV freed after {freed} s"
+    print(f"\ncancel {protocol} {'stream' if stream else 'unary'}: sequence freed {freed:.2f} s after the cancel")
 
 
 # ---- a killed engine process (last: it restarts the engine) ------------------------------------
 def _engine_process_pid(server: Server) -> int:
     [replica] = server.processes("ray::ServeReplica:hispec:HiSpecEngine")
     children = subprocess.run(["pgrep", "-P", str(replica)], capture_output=True, text=True).stdout.split()
-    engines = [int(pid) for pid in children if "multiprocessing" in open(f"/proc/{pid}/cmdline").read()]
+    engines = [int(pid) for pid in children if "spawn_main" in open(f"/proc/{pid}/cmdline").read()]
     assert len(engines) == 1, f"engine processes under replica {replica}: {engines}"
     return engines[0]
 
@@ -271,6 +275,10 @@ def test_engine_process_killed_mid_stream(server, stub, expected):
                              metadata=AUTH, timeout=REBUILD_S + 30)
     assert list(response.token_ids) == expected[PROMPTS[8]]
     assert time.monotonic() - killed_at <= REBUILD_S, f"served again {time.monotonic() - killed_at:.0f} s after the kill"
+    print(f"\nengine killed: running streams failed after "
+          f"{max(s.ended_at for s in streams[:RUNNING]) - killed_at:.2f} s (UNAVAILABLE); queued ones: "
+          f"{sum(s.error is None for s in streams[RUNNING:])} of {QUEUED} completed on the rebuilt engine; "
+          f"served again {time.monotonic() - killed_at:.1f} s after the kill")
     assert _engine_process_pid(server) != victim
     assert stub.Health(pb.HealthRequest(), metadata=AUTH, timeout=10).serving
     assert time.monotonic() - asked < REBUILD_S
