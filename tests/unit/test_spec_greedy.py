@@ -6,6 +6,7 @@ import pytest
 
 from hispec.model.greedy import greedy_generate
 from hispec.engine import EngineConfig, SpecEngine
+from hispec.errors import InvalidRequest
 from hispec.speculation import Hierarchy, Request
 from tests.unit.spec_helpers import GRID, first_draft_proposal, random_prompts, requests_for, run_engine, tiny_model
 
@@ -70,16 +71,23 @@ def test_eos_inside_drafts(model, prompts, reference, exits, budgets):
 
 
 def test_context_limit(tmp_path):
+    """A 24-position model: prompt + new tokens up to 24 run to the end of the context; a request
+    for more is refused at once, naming the field."""
     model = tiny_model(tmp_path, max_position_embeddings=24)
     prompts = random_prompts((1, 5, 20, 23), model.config.vocab_size, seed=3)
-    expected = [greedy_generate(model, p, 40) for p in prompts]
-    assert {reason for _, reason in expected} == {"context"}
+    expected = [greedy_generate(model, p, 24 - len(p)) for p in prompts]
     for exits, budgets in GRID:
-        results = run_engine(model, exits, budgets, requests_for(prompts, 40))
+        results = run_engine(model, exits, budgets, [Request(p, 24 - len(p), stop_token_ids=()) for p in prompts])
         assert [(r.token_ids, r.finish_reason) for r in results] == expected
     engine = SpecEngine(model, Hierarchy(6, (2,), (3,)))
-    with pytest.raises(ValueError, match="leaves no room"):
+    assert (engine.capacity, engine.executor.stages[0].cache.capacity) == (24, 23)  # the last token is never run
+    with pytest.raises(InvalidRequest, match="leaves no room") as refused:
         engine.add_request(Request(list(range(24)), 5))
+    assert refused.value.field == "prompt"
+    with pytest.raises(InvalidRequest, match="at most 4") as refused:
+        engine.add_request(Request(list(range(20)), 5))
+    assert refused.value.field == "max_new_tokens"
+    assert not engine.has_unfinished()
 
 
 def test_model_eos_stops_by_default(tmp_path, model, prompts, reference):
