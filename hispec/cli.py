@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "generate": ("hispec.generate", "generate text from prompts"),
     "bench": ("hispec.bench.speed", "every decoding method side by side: tokens/s, acceptance, cost model"),
     "bench-serve": ("hispec.bench.serving", "load a running server with concurrent gRPC streams: tokens/s, latency"),
+    "loadtest": ("hispec.bench.loadtest", "bounded load on a local server over gRPC and HTTP: latency, errors, RSS"),
     "tune": ("hispec.bench.tune", "sweep exits and budgets; store the best hierarchy with the checkpoint"),
     "bench-runtime": ("hispec.bench.runtime", "runtime micro-benchmark vs transformers"),
     "bench-transport": ("hispec.bench.transport", "pipeline transport: gloo point-to-point vs Ray actor calls"),

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hispec.bench.clients import grpc_channel, grpc_stream
+from hispec.bench.latency import percentile
 from hispec.bench.prompts import bundled_heldout_prompts, read_prompts_jsonl
 
 
@@ -54,31 +56,21 @@ def tokens_in_window(arrivals: list[tuple[float, int]], start: float, end: float
 
 async def _one(stub, pb, prompt_index: int, prompt: str, max_new_tokens: int,
                arrivals: list[tuple[float, int]]) -> Timing:
-    started = time.perf_counter()
-    first = None
-    ids: list[int] = []
-    async for message in stub.GenerateStream(pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens)):
-        now = time.perf_counter()
-        if first is None and message.token_ids:
-            first = now
-        arrivals.append((now, len(message.token_ids)))
-        ids += message.token_ids
-    done = time.perf_counter()
-    return Timing(prompt_index, len(ids), (first or done) - started, done - started, tuple(ids))
+    reply = await grpc_stream(stub, pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens),
+                              on_output=lambda now, ids: arrivals.append((now, len(ids))))
+    return Timing(prompt_index, len(reply.token_ids), reply.ttft_s, reply.latency_s, reply.token_ids)
 
 
 async def run_level(target: str, prompts: list[str], concurrency: int, ramp_s: float, duration_s: float,
                     max_new_tokens: int) -> LevelRun:
     """C closed-loop streams for ramp_s + duration_s; throughput over the last duration_s."""
-    import grpc
-
     from hispec.rpc import hispec_pb2 as pb
     from hispec.rpc import hispec_pb2_grpc as rpc
 
     arrivals: list[tuple[float, int]] = []
     timings: list[Timing] = []
     next_prompt = itertools.count()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc_channel(target) as channel:
         stub = rpc.HiSpecStub(channel)
 
         async def stream() -> None:
@@ -97,11 +89,6 @@ async def run_level(target: str, prompts: list[str], concurrency: int, ramp_s: f
     window_start = started + ramp_s
     tokens = tokens_in_window(arrivals, window_start, window_start + duration_s)
     return LevelRun(tokens / duration_s, timings)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 def summarize(levels: dict[int, list[LevelRun]]) -> dict:
