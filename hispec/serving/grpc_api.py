@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from hispec.rpc import hispec_pb2 as pb
+from hispec.rpc.servicer import UndecodableRequest
 from hispec.serving.messages import Chunk, EngineInfo
-from hispec.serving.params import GenerationParams, Limits, generation_params
+from hispec.serving.params import GenerationParams, InvalidArgument, Limits, generation_params
+
+
+def check_decoded(request: object) -> None:
+    """Bytes that were no valid message arrive as an `UndecodableRequest` (hispec.rpc.servicer): a
+    client error, refused like a bad field."""
+    if isinstance(request, UndecodableRequest):
+        raise InvalidArgument("request", f"is not a valid {request.message_type}: {request.reason}")
 
 
 def params_from(request: pb.GenerateRequest, limits: Limits) -> GenerationParams:
+    check_decoded(request)
+
     def given(field: str):
         return getattr(request, field) if request.HasField(field) else None
 
