@@ -62,7 +62,9 @@ def check_num_stages(policy: BatchPolicy, num_stages: int) -> None:
 def pipeline_spec(model_path: Path, policy: BatchPolicy, num_stages: int, num_slots: int, capacity: int, *,
                   dtype: str = "float32", device: str = "cpu", measure: bool = True, **kwargs) -> PipelineSpec:
     """Stage 0 ends at e_v (the deepest exit below the target of any hierarchy the policy uses),
-    the deeper layers are split by measured cost."""
+    the deeper layers are split by measured cost. `num_slots`: the most sequences (max_batch_size);
+    kwargs go to PipelineSpec, e.g. the KV budget (kv_cache_memory or kv_cache_memory_fraction),
+    which decides how many of them the stages hold (Pipeline.create plans it)."""
     L = policy.choose(1).num_layers
     exits = exits_of(policy.hierarchies)
     costs, head = measure_layer_costs(model_path, dtype) if measure and num_stages > 1 else (None, 0.0)
@@ -85,8 +87,9 @@ class PipelinedEngine:
         """Needs a Ray connection (ray.init) in this process."""
         if spec is None:
             max_positions = ModelConfig.from_pretrained(model_path).max_position_embeddings
-            spec = pipeline_spec(model_path, policy, num_stages, config.max_batch_size,
-                                 config.capacity(max_positions), dtype=dtype, device=device, **spec_kwargs)
+            spec = pipeline_spec(model_path, policy, num_stages, config.max_batch_size, config.capacity(max_positions),
+                                 dtype=dtype, device=device, kv_cache_memory=config.kv_cache_memory,
+                                 kv_cache_memory_fraction=config.kv_cache_memory_fraction, **spec_kwargs)
         pipeline = Pipeline.create(spec)
         try:
             executor = PipelineExecutor(pipeline.connection)

@@ -2,6 +2,7 @@
 that talks to them over the transport (any process; no Ray call per step).
 
     pipeline = Pipeline.create(PipelineSpec(model_path, bounds=(0, 6, 16), num_slots=16, capacity=512))
+    pipeline.connection.kv_layout              # what the KV budget holds: num_slots <= 16 sequences
     executor = PipelineExecutor(pipeline.connection)      # rank 0: this process drives
     engine = SpecEngine(executor, policy, config)
     ...
@@ -19,11 +20,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hispec.config import ModelConfig
+from hispec.config import EngineConfig, ModelConfig
 from hispec.engine.executor import ExecutorFailure
 from hispec.engine.plan import KVSnapshot, StepPlan, StepResult
 from hispec.engine.stage import takes_part
 from hispec.engine.transport import GroupAddress, Transport
+from hispec.kv.budget import KVLayout, pipeline_available_bytes, plan_kv_cache
+from hispec.model.loading import resolve_dtype
 from hispec.pipeline.messages import Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest
 from hispec.speculation.hierarchy import Hierarchy
 
@@ -38,14 +41,18 @@ class PipelineError(ExecutorFailure):
 class PipelineSpec:
     model_path: Path
     bounds: tuple[int, ...]  # layer bounds (0, b_1, ..., L): stage s runs [bounds[s], bounds[s + 1])
-    num_slots: int
-    capacity: int
+    num_slots: int  # most sequences (max_batch_size): the KV budget may hold fewer (see Pipeline.create)
+    capacity: int  # tokens per sequence
     exits: tuple[int, ...] = ()  # every exit any hierarchy reads: the stages owning one load the head
     dtype: str = "float32"
     device: str = "cpu"  # "cuda": one GPU per stage, hidden rows over NCCL
     cpus_per_stage: float = 0.5  # bundle size on CPU (fractional: two stages share the 2-core box)
     threads_per_stage: int = 1
     ready_timeout_s: float = 180.0
+    # The KV budget of all stages together (EngineConfig's fields of the same names): bytes, or a
+    # share of the memory the stages' devices have available once their weights are loaded.
+    kv_cache_memory: int | None = None
+    kv_cache_memory_fraction: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_path", Path(self.model_path))
@@ -57,6 +64,12 @@ class PipelineSpec:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.num_slots < 1 or self.capacity < 2:
             raise ValueError("num_slots must be >= 1 and capacity >= 2")
+        self.kv_config()  # the budget fields are checked there
+
+    def kv_config(self) -> EngineConfig:
+        """The fields the KV planner reads, as an EngineConfig."""
+        return EngineConfig(max_batch_size=self.num_slots, max_context=self.capacity,
+                            kv_cache_memory=self.kv_cache_memory, kv_cache_memory_fraction=self.kv_cache_memory_fraction)
 
     @property
     def num_stages(self) -> int:
@@ -90,8 +103,9 @@ class PipelineConnection:
     address: GroupAddress
     model_config: ModelConfig
     stage_ranges: tuple[tuple[int, int], ...]
-    num_slots: int
+    num_slots: int  # sequences every stage's KV cache holds (planned from the budget)
     capacity: int
+    kv_layout: KVLayout | None = None  # the plan, with the bytes all stages allocated
 
 
 @dataclass
@@ -127,13 +141,13 @@ class Pipeline:
         try:
             for s, (lo, hi) in enumerate(spec.stage_ranges()):
                 stage = StageSpec(s, spec.model_path, (lo, hi), with_embeddings=lo == 0, with_head=spec.needs_head(s),
-                                  num_slots=spec.num_slots, capacity=spec.capacity, dtype=spec.dtype,
-                                  device=spec.device, threads=spec.threads_per_stage)
+                                  dtype=spec.dtype, device=spec.device, threads=spec.threads_per_stage)
                 actors.append(StageActor.options(
                     num_cpus=bundles[s]["CPU"], num_gpus=bundles[s].get("GPU", 0),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, first_bundle + s),
                 ).remote(stage))
             ray.get([a.ping.remote() for a in actors], timeout=spec.ready_timeout_s)  # loaded
+            layout = _plan_stage_caches(spec, actors)
             address = ray.get(actors[0].host_store.remote(spec.num_stages + 1, spec.data_backend))
             loops = [a.serve.remote(address) for a in actors]
         except BaseException:
@@ -143,8 +157,9 @@ class Pipeline:
                 ray.util.remove_placement_group(placement_group)
             raise
         connection = PipelineConnection(address, ModelConfig.from_pretrained(spec.model_path),
-                                        tuple(spec.stage_ranges()), spec.num_slots, spec.capacity)
-        log.info("pipeline of %d stages %s at %s:%d", spec.num_stages, spec.stage_ranges(), address.host, address.port)
+                                        tuple(spec.stage_ranges()), layout.num_slots, layout.capacity, layout)
+        log.info("pipeline of %d stages %s at %s:%d; %s", spec.num_stages, spec.stage_ranges(), address.host,
+                 address.port, layout.describe())
         return cls(spec, actors, loops, connection, placement_group, owns)
 
     def failure(self) -> str | None:
@@ -194,6 +209,7 @@ class PipelineExecutor:
         self.connection = connection
         self.model_config = connection.model_config
         self.num_slots, self.capacity = connection.num_slots, connection.capacity
+        self.kv_layout = connection.kv_layout
         self.stage_ranges = connection.stage_ranges
         self._ranks = list(range(1, len(connection.stage_ranges) + 1))
         self.transport = Transport(connection.address, 0)
@@ -270,6 +286,24 @@ class PipelineExecutor:
             self._broken = "closed"
         time.sleep(0.05)  # let the loops read Shutdown before the sockets close
         self.transport.close()
+
+
+def _plan_stage_caches(spec: PipelineSpec, actors: list) -> KVLayout:
+    """Plan the KV layout of the whole pipeline from its budget and have every stage allocate its
+    layers' part. A budget by fraction is of the memory each stage's device has available with
+    the weights loaded; stages on one memory pool (CPU stages of one node) share it."""
+    import ray
+
+    config = spec.kv_config()
+    model_config = ModelConfig.from_pretrained(spec.model_path)
+    available = None
+    if config.kv_cache_memory is None:
+        pools = ray.get([a.memory_pool.remote() for a in actors], timeout=spec.ready_timeout_s)
+        available = pipeline_available_bytes(spec.stage_ranges(), [free for _, free in pools], [pool for pool, _ in pools])
+    layout = plan_kv_cache(model_config, config, resolve_dtype(spec.dtype), available)
+    allocated = ray.get([a.allocate_cache.remote(layout.num_slots, layout.capacity) for a in actors],
+                        timeout=spec.ready_timeout_s)
+    return KVLayout(layout.num_slots, layout.capacity, layout.bytes_per_token, sum(allocated), layout.budget_bytes)
 
 
 def _after(pending: list[StepPlan], plan: StepPlan) -> StepPlan:

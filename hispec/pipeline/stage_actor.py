@@ -31,8 +31,6 @@ class StageSpec:
     layer_range: tuple[int, int]
     with_embeddings: bool
     with_head: bool
-    num_slots: int
-    capacity: int
     dtype: str = "float32"
     device: str = "cpu"  # "cuda": the GPU Ray assigned to this actor
     threads: int = 1  # torch / OpenMP threads: on a small CPU, one per stage so stages do not fight over cores
@@ -74,13 +72,29 @@ class StageActor:
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         self.model = load_model(spec.model_path, layer_range=spec.layer_range, with_embeddings=spec.with_embeddings,
                                 with_head=spec.with_head, dtype=spec.dtype, device=device)
-        self.stage = Stage(self.model, spec.num_slots, spec.capacity)
+        self.stage: Stage | None = None  # made by allocate_cache, once the pipeline planned the KV layout
         self._store = None
         self.times = StageTimes()
         self._reset_times = False
 
     def ping(self) -> int:
         return os.getpid()
+
+    def memory_pool(self) -> tuple[tuple, int]:
+        """(which memory this stage's KV would draw on, bytes available there now, weights loaded):
+        a CPU stage shares its node's memory with the other CPU stages there; a GPU is its own."""
+        from hispec.kv.budget import available_memory
+
+        context = ray.get_runtime_context()
+        node = context.get_node_id()
+        pool = ("cuda", node, tuple(context.get_accelerator_ids().get("GPU", ()))) if self.spec.device == "cuda" \
+            else ("cpu", node)
+        return pool, available_memory(self.model.device)
+
+    def allocate_cache(self, num_slots: int, capacity: int) -> int:
+        """Make this stage's KV cache for `num_slots` sequences of `capacity` tokens; its bytes."""
+        self.stage = Stage(self.model, num_slots, capacity)
+        return self.stage.cache.nbytes
 
     def describe(self) -> dict:
         import torch

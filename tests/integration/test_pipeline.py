@@ -456,6 +456,34 @@ def test_requests_join_and_leave_a_running_batch(tiny_executor, tiny_prompts, ti
         assert results[request_id].finish_reason == "length"
 
 
+def test_chunked_prefill_through_the_pipeline(tiny, tiny_executor):
+    """Prompts of 30-45 tokens entering 5 tokens a step (later chunks start mid-sequence on both
+    stages) beside a running batch, greedy and seeded-sampled: greedy equals plain greedy decoding,
+    sampled equals the unchunked single-process engine, stage KV lengths match after every step."""
+    layout = tiny_executor.kv_layout  # the pipeline planned its caches from the (default) budget
+    assert (layout.num_slots, layout.capacity) == (TINY_SLOTS, TINY_CAPACITY) and layout.total_bytes > 0
+    prompts = random_prompts((30, 2, 45, 4), tiny.config.vocab_size, seed=9)
+    sampled = SamplingParams(temperature=0.9, top_k=30, seed=3)
+    requests = lambda: [Request(p, 10, sampled if i == 2 else SamplingParams(), stop_token_ids=(), request_id=f"c{i}")  # noqa: E731
+                        for i, p in enumerate(prompts)]
+    unchunked = SpecEngine(tiny, Hierarchy(6, (1, 3), (2, 4)), EngineConfig(max_batch_size=TINY_SLOTS)).generate(requests())
+    engine = tiny_engine(tiny_executor, (1, 3), (2, 4), max_batch_size=TINY_SLOTS, prefill_chunk_tokens=5)
+    results, pending, steps = {}, requests(), 0
+    try:
+        while pending or engine.has_unfinished():
+            if pending and steps % 3 == 0:
+                engine.add_request(pending.pop(0))
+            results |= {out.request_id: out.result for out in engine.step() if out.result is not None}
+            engine.check_lengths()
+            steps += 1
+    finally:
+        finish(engine)
+    assert [results[f"c{i}"].token_ids for i in range(4)] == [r.token_ids for r in unchunked]
+    for i in (0, 1, 3):
+        assert results[f"c{i}"].token_ids == greedy_generate(tiny, prompts[i], 10)[0]
+    assert steps >= 45 // 5  # the 45-token prompt alone took 9 steps to enter
+
+
 # ==== 3. sampling ==================================================================================
 @over_hierarchies([((), ()), ((2,), (3,)), ((1, 3), (2, 4)), ((1, 2, 4), (1, 2, 3))])
 def test_seeded_sampling_equals_single_process(tiny, tiny_executor, tiny_prompts, exits, budgets):
