@@ -114,7 +114,7 @@ def generation_params(
         number("max_new_tokens", max_new_tokens, integer=True)
         if not 1 <= max_new_tokens < limits.max_context:
             raise InvalidArgument(name("max_new_tokens", "max_new_tokens"),
-                                  f"must be in [1, {limits.max_context - 1}], got {max_new_tokens}")
+                                  f"must be in [1, {limits.max_context - 1}], got {_shown(max_new_tokens)}")
     temperature = 0.0 if temperature is None else float(number("temperature", temperature, integer=False))
     if temperature < 0:
         raise InvalidArgument(name("temperature", "temperature"), f"must be >= 0 (0 is greedy), got {temperature}")
@@ -127,11 +127,12 @@ def generation_params(
     if top_k == -1:  # vLLM's spelling of "no cut"
         top_k = 0
     if not 0 <= top_k <= MAX_TOP_K:
-        raise InvalidArgument(name("top_k", "top_k"), f"must be in [0, {MAX_TOP_K}] (0 or -1: no cut), got {top_k}")
+        raise InvalidArgument(name("top_k", "top_k"),
+                              f"must be in [0, {MAX_TOP_K}] (0 or -1: no cut), got {_shown(top_k)}")
     if seed is not None:
         number("seed", seed, integer=True)
         if not 0 <= seed < 2**63:
-            raise InvalidArgument(name("seed", "seed"), f"must be in [0, 2**63), got {seed}")
+            raise InvalidArgument(name("seed", "seed"), f"must be in [0, 2**63), got {_shown(seed)}")
     stop = _stop_strings(stop, limits, name("stop", "stop"))
     return GenerationParams(max_new_tokens, SamplingParams(temperature, top_k, top_p, seed), stop)
 

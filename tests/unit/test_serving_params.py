@@ -47,6 +47,10 @@ def test_a_huge_value_is_cut_short_in_the_message():
     with pytest.raises(InvalidArgument) as caught:
         generation_params(LIMITS, stop=[["y"] * 1_000_000])
     assert len(str(caught.value)) < 200
+    for field in ("max_new_tokens", "top_k", "seed"):  # a 4,000-digit integer is valid JSON
+        with pytest.raises(InvalidArgument) as caught:
+            generation_params(LIMITS, **{field: 10**4000})
+        assert len(str(caught.value)) < 200
 
 
 def test_tiny_temperatures_are_greedy():
