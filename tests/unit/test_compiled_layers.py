@@ -1,4 +1,5 @@
-"""The torch.compile'd layer loop gives the same tokens and logits as eager."""
+"""The torch.compile'd layer loop gives the same tokens and logits as the default runtime (the C++
+layer stack; the Python loop under HISPEC_NATIVE=0)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
+from hispec.model.native import native_enabled
 from tests.unit.tiny_checkpoints import make_checkpoint
 
 
@@ -13,6 +15,7 @@ def test_compiled_greedy_and_ragged_step_equal_eager(tmp_path):
     make_checkpoint(tmp_path, "tied-gqa", num_layers=3)
     eager = load_model(tmp_path)
     compiled = load_model(tmp_path).compile_layers()
+    assert eager.native_layers == native_enabled() and not compiled.native_layers  # a failed build fails here too
     prompt = torch.randint(0, 101, (12,), generator=torch.Generator().manual_seed(0)).tolist()
     assert greedy_generate(compiled, prompt, 24) == greedy_generate(eager, prompt, 24)
 

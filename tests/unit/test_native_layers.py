@@ -1,6 +1,9 @@
 """The C++ layer stack computes what the Python layer loop computes, for every kind of step the
 engine makes: to rounding in fp32 (its one-pass kernels sum in a different order), bit for bit
-where it runs plain ATen ops (fp64), and greedy decoding gives the same tokens."""
+where it runs plain ATen ops (fp64), and greedy decoding gives the same tokens.
+
+These tests fail (not skip) when the extension does not build: the C++ stack is the default
+runtime. Only `HISPEC_NATIVE=0`, the explicit choice of the Python loop, skips them."""
 
 from __future__ import annotations
 
@@ -9,10 +12,16 @@ import torch
 
 from hispec.model import load_model
 from hispec.model.greedy import greedy_generate
-from hispec.model.native import layer_stack_module
+from hispec.model.native import build_layer_stack, native_enabled
 from tests.unit.tiny_checkpoints import VARIANTS, make_checkpoint
 
-pytestmark = pytest.mark.skipif(layer_stack_module() is None, reason="the C++ extension cannot be built here")
+pytestmark = pytest.mark.skipif(not native_enabled(), reason="HISPEC_NATIVE=0: the Python layer loop was chosen")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module():
+    """The extension; a failed build errors every test here with the compiler's output."""
+    return build_layer_stack().module
 
 
 def both_paths(directory, **kwargs):
@@ -94,11 +103,26 @@ def test_switching_off(tmp_path):
     assert model.use_native_layers(False) is False and not model.native_layers
 
 
+def test_hispec_native_0_runs_the_python_loop_with_the_same_results(tmp_path, monkeypatch):
+    """The deliberate fallback: with HISPEC_NATIVE=0 set, `load_model` (native by default) runs
+    the Python loop, read when the model is loaded, and decodes the same tokens."""
+    make_checkpoint(tmp_path, "sharded-bias", num_layers=3)
+    native = load_model(tmp_path)
+    with monkeypatch.context() as env:
+        env.setenv("HISPEC_NATIVE", "0")
+        python = load_model(tmp_path)
+        assert not python.use_native_layers()  # asked for, still off
+    assert native.native_layers and not python.native_layers
+    prompt = torch.randint(0, 101, (9,), generator=torch.Generator().manual_seed(4)).tolist()
+    assert greedy_generate(python, prompt, 20) == greedy_generate(native, prompt, 20)
+    hidden = torch.randn(3, python.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(python.exit_logits(hidden), native.exit_logits(hidden), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("heads, kv_heads, T", [(4, 2, 1), (4, 2, 5), (8, 2, 3), (4, 4, 2)])
-def test_attention_kernel_matches_sdpa(heads, kv_heads, T):
+def test_attention_kernel_matches_sdpa(module, heads, kv_heads, T):
     """The fp32 attention kernel against torch's SDPA on the same cache rows: grouped heads,
     a causal mask with padding rows, sequences in non-adjacent slots."""
-    module = layer_stack_module()
     g = torch.Generator().manual_seed(heads * 10 + T)
     B, D, cap, kv_len = 2, 16, 24, 11
     keys, values = (torch.randn(4, kv_heads, cap + 1, D, generator=g) for _ in range(2))
@@ -119,8 +143,7 @@ def test_attention_kernel_matches_sdpa(heads, kv_heads, T):
         torch.testing.assert_close(unmasked, module.attention(q, keys, values, slots, kv_len, torch.ones_like(mask), kv_heads))
 
 
-def test_rms_norm_kernel_matches_torch():
-    module = layer_stack_module()
+def test_rms_norm_kernel_matches_torch(module):
     g = torch.Generator().manual_seed(0)
     for d in (256, 64, 40):  # 40: a width that is not a multiple of the vector length
         x, w = torch.randn(3, 5, d, generator=g), torch.randn(d, generator=g)
@@ -131,10 +154,9 @@ def test_rms_norm_kernel_matches_torch():
 @pytest.mark.parametrize("bf16_weights", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, 16])
 @pytest.mark.parametrize("n, k", [(32, 16), (100, 40), (8, 256)])  # whole panels, a ragged last panel, N < 32
-def test_packed_linear_epilogues(bf16_weights, rows, n, k):
+def test_packed_linear_epilogues(module, bf16_weights, rows, n, k):
     """x W^T, + residual, and silu(gate) * up, against torch; bf16-exact weights take the bf16
     panels, others fp32 ones (same products either way)."""
-    module = layer_stack_module()
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     w = torch.randn(2 * n, k, generator=g)
     if bf16_weights:
@@ -148,10 +170,9 @@ def test_packed_linear_epilogues(bf16_weights, rows, n, k):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_packed_rows_do_not_depend_on_the_batch():
+def test_packed_rows_do_not_depend_on_the_batch(module):
     """Each output sums over k in order in one accumulator: a row gets the same bits alone, with 7
     others, or in the second pass of 16 rows."""
-    module = layer_stack_module()
     g = torch.Generator().manual_seed(7)
     w, x = torch.randn(96, 64, generator=g).bfloat16().float(), torch.randn(16, 64, generator=g)
     together = module.packed_linear(x, w, "store")
@@ -160,7 +181,7 @@ def test_packed_rows_do_not_depend_on_the_batch():
     assert torch.equal(module.packed_linear(x[8:], w, "store"), together[8:])
 
 
-def test_bf16_exact_checkpoint_runs_packed_and_matches_python(tmp_path):
+def test_bf16_exact_checkpoint_runs_packed_and_matches_python(module, tmp_path):
     """The bundled checkpoint's case: bf16 weights loaded in fp32 take the bf16 panels; decode
     steps, verification blocks and a wide prefill (> 16 rows: MKL) match the Python loop."""
     make_checkpoint(tmp_path, "tied-gqa", num_layers=3)
@@ -170,7 +191,7 @@ def test_bf16_exact_checkpoint_runs_packed_and_matches_python(tmp_path):
             for p in model.parameters():
                 p.copy_(p.bfloat16().float())
         model.use_native_layers(model is native)
-    assert layer_stack_module().packed_is_bf16(native.layers["0"].qkv_proj.weight)
+    assert module.packed_is_bf16(native.layers["0"].qkv_proj.weight)
     prompt = torch.randint(3, python.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     caches = [m.new_cache(num_slots=1, capacity=64) for m in (python, native)]
     for tokens in (prompt, prompt[:, :1], prompt[:, :5]):
