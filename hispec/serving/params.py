@@ -16,6 +16,10 @@ InvalidArgument = InvalidRequest
 # Below this a temperature is greedy, as vLLM treats it: logits / 1e-38 overflow float32 and the
 # softmax turns to NaN, while any temperature this small already picks the argmax.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# top_p's floor: the sampler holds top_p in float32, where 1e-46 is 0 and the nucleus empty (NaN
+# probabilities). Any top_p up to the most likely token's probability (>= 1 / vocabulary) keeps just
+# that token, so raising a smaller one to this floor changes nothing else.
+SMALLEST_TOP_P = 1e-9
 # top_k's largest value: gRPC's int32, so that both protocols accept the same numbers (anything at
 # or above the vocabulary size means no cut).
 MAX_TOP_K = 2**31 - 1
@@ -123,6 +127,7 @@ def generation_params(
     top_p = 1.0 if top_p is None else float(number("top_p", top_p, integer=False))
     if not 0 < top_p <= 1:
         raise InvalidArgument(name("top_p", "top_p"), f"must be in (0, 1], got {top_p}")
+    top_p = max(top_p, SMALLEST_TOP_P)
     top_k = 0 if top_k is None else number("top_k", top_k, integer=True)
     if top_k == -1:  # vLLM's spelling of "no cut"
         top_k = 0

@@ -61,9 +61,22 @@ def test_tiny_temperatures_are_greedy():
 
 
 def test_extreme_values_that_are_in_range_are_kept():
-    params = generation_params(LIMITS, top_k=2**31 - 1, seed=2**63 - 1, top_p=5e-324, temperature=1e308)
+    params = generation_params(LIMITS, top_k=2**31 - 1, seed=2**63 - 1, top_p=1e-6, temperature=1e308)
     assert (params.sampling.top_k, params.sampling.seed, params.sampling.top_p, params.sampling.temperature) == \
-        (2**31 - 1, 2**63 - 1, 5e-324, 1e308)
+        (2**31 - 1, 2**63 - 1, 1e-6, 1e308)
+
+
+def test_tiny_top_p_keeps_the_most_likely_token_without_nan():
+    """top_p 1e-46 is 0 in float32: the nucleus would be empty and the probabilities NaN."""
+    import torch
+
+    from hispec.speculation.sampling import processed_probs
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    for tiny in (5e-324, 1e-46, 1e-12):
+        sampling = generation_params(LIMITS, temperature=1.0, top_p=tiny).sampling
+        assert sampling.top_p == 1e-9
+        assert processed_probs(logits, [sampling]).tolist() == [[1.0, 0.0, 0.0, 0.0]]
 
 
 def test_api_names_are_used_in_errors():
