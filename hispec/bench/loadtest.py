@@ -7,9 +7,9 @@ Sends a fixed number of requests (--requests) from C concurrent workers (--concu
 sends its next request when the previous one ends), each request's kind drawn from --mix
 (`grpc-stream`, `grpc-unary`, `http-stream`, `http-unary` with weights; default all four evenly)
 and its length from --max-tokens; prompts are the bundled model's held-out prompts (or --prompts
-JSONL; --distinct-prompts K: the first K) in order. After --time-limit seconds it stops issuing, cancels what is in flight (the
-server aborts those) and counts them. Targets must be loopback addresses: this is a load
-generator, not a client.
+JSONL; --distinct-prompts K: the first K) in order. After --time-limit seconds it stops issuing,
+cancels what is in flight (the server aborts those) and counts them. Targets must be loopback
+addresses: this is a load generator, not a client.
 
 Reports (stdout and DIR/loadtest.json; DIR/loadtest.png plots it): requests ok, failed by code
 (gRPC status names, HTTP status codes), cancelled and not issued; throughput (requests/s,
