@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 CONFIG = "deploy/hispec-pipeline.yaml"
 HTTP_PORT, GRPC_PORT = 8100, 9100  # not the session server's 8000/9000
 STAGES = 2
-PROMPTS = bundled_heldout_prompts()[:6]
+PROMPTS = bundled_heldout_prompts()[:10]
 MAX_NEW = 48
 LONG_NEW = 400  # streams still running when the stage dies
 FAIL_WITHIN_S = 10.0  # from the kill to every running stream's error
@@ -123,7 +123,7 @@ def test_stage_death_fails_running_streams_then_rebuilds(stub, pipeline_server, 
     before = _stage_actor_pids(pipeline_server)
     assert len(before) == STAGES, f"expected {STAGES} stage actors, found pids {sorted(before)}"
 
-    streams = [_Stream(stub, PROMPTS[i]) for i in range(4)]
+    streams = [_Stream(stub, PROMPTS[i]) for i in range(8)]  # 8 concurrent streams (max_batch_size 16: all running)
     for stream in streams:
         stream.start()
     deadline = time.monotonic() + CALL_TIMEOUT_S
@@ -148,7 +148,7 @@ def test_stage_death_fails_running_streams_then_rebuilds(stub, pipeline_server, 
         assert stream.ended_at - killed_at <= FAIL_WITHIN_S, \
             f"a stream failed {stream.ended_at - killed_at:.1f} s after the kill"
 
-    prompt = PROMPTS[4]
+    prompt = PROMPTS[9]
     asked = time.monotonic()
     response = stub.Generate(pb.GenerateRequest(prompt=prompt, max_new_tokens=MAX_NEW, temperature=0),
                              timeout=REBUILD_S + CALL_TIMEOUT_S / 2)
