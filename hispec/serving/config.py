@@ -121,7 +121,9 @@ class AppArgs(BaseModel):
     def engine_config(self) -> "EngineConfig":
         from hispec.config import EngineConfig
 
-        return EngineConfig(self.max_batch_size, self.max_context)  # WIRE-KV
+        return EngineConfig(self.max_batch_size, self.max_context, kv_cache_memory=self.kv_cache_memory,
+                            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+                            prefill_chunk_tokens=self.prefill_chunk_tokens)
 
     def placement_bundles(self) -> list[dict[str, float]] | None:
         """The engine replica's placement group: bundle 0 for the replica (CPU only: its stage actors

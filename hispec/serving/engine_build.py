@@ -56,4 +56,5 @@ def pipeline_spec_for(args: AppArgs) -> "PipelineSpec":
     return pipeline_spec(args.model, args.policy(), args.pipeline_stages, args.max_batch_size,
                          args.engine_config().capacity(args.checkpoint_config().max_position_embeddings),
                          dtype=args.dtype, device=device, cpus_per_stage=args.stage_cpus,
-                         threads_per_stage=args.stage_threads)
+                         threads_per_stage=args.stage_threads, kv_cache_memory=args.kv_cache_memory,
+                         kv_cache_memory_fraction=args.kv_cache_memory_fraction)

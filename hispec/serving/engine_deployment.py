@@ -55,12 +55,13 @@ class HiSpecEngine:
         self._open = 0  # requests in this replica (running, queued in the engine, or being set up)
         self.engine = self._start_engine()
         summary = self.engine.summary
-        self.info = EngineInfo(self.args.served_name, summary.num_layers, summary.vocab_size, self.args.max_batch_size,
+        self.info = EngineInfo(self.args.served_name, summary.num_layers, summary.vocab_size, summary.max_batch_size,
                                [summary.policy],
                                Limits(summary.capacity, summary.vocab_size, self.args.default_max_new_tokens,
                                       self.args.max_prompt_chars, self.args.max_stop_strings))
         self.max_open = summary.max_batch_size + self.args.max_queued_requests
-        log.info("engine ready (process %s): %s, policy %s", self.engine.pid, self.args.model, summary.policy)
+        log.info("engine ready (process %s): %s, policy %s; %s", self.engine.pid, self.args.model, summary.policy,
+                 summary.kv_cache)
 
     def _start_engine(self) -> EngineProcess:
         """The engine process; with pipeline_stages > 1, first the stage actors it drives (in bundles

@@ -102,7 +102,7 @@ class EngineLoop:
         with self._wakeup:
             inbox = len(self._inbox)
         return LoopSnapshot(inbox + self.engine.num_waiting, self.engine.num_running,
-                            self.engine.config.max_batch_size, step_seconds)
+                            self.engine.num_slots, step_seconds)
 
     # ---- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:

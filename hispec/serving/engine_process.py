@@ -45,14 +45,15 @@ class EngineSummary:
     num_layers: int
     vocab_size: int
     capacity: int  # tokens per sequence (prompt + new)
-    max_batch_size: int
+    max_batch_size: int  # sequences decoded at once: the KV cache's slots (max_batch_size, or fewer if the budget is smaller)
+    kv_cache: str  # KVLayout.describe()
     policy: str  # BatchPolicy.describe()
     hierarchy: Hierarchy  # what a lone request gets (stats of results without their own)
 
     @classmethod
     def of(cls, engine: SpecEngine) -> "EngineSummary":
         cfg = engine.model_config
-        return cls(cfg.num_layers, cfg.vocab_size, engine.capacity, engine.config.max_batch_size,
+        return cls(cfg.num_layers, cfg.vocab_size, engine.capacity, engine.num_slots, engine.kv_layout.describe(),
                    engine.policy.describe(), engine.hierarchy)
 
 
