@@ -171,6 +171,7 @@ class EarlyExitModel(nn.Module):
         if module is None:
             return False
         cfg = self.config
+        self._native_module = module  # the exit head is made later from the same build (see _native_head)
         self._native = module.LayerStack(
             [layer.parameter_list() for layer in self._ordered_layers],
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
@@ -249,7 +250,7 @@ class EarlyExitModel(nn.Module):
         made on first use."""
         if self._native_exit_head is None:
             self._require_head()
-            self._native_exit_head = layer_stack_module().ExitHead(self.norm, self.lm_head.weight, self.config.rms_norm_eps)
+            self._native_exit_head = self._native_module.ExitHead(self.norm, self.lm_head.weight, self.config.rms_norm_eps)
         return self._native_exit_head
 
     def _python_logits(self, hidden: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
@@ -45,6 +46,13 @@ async def _bad_json(request: Request, error: RequestValidationError) -> JSONResp
     first = error.errors()[0]
     param = field_path(CompletionRequest, first["loc"][1:]) if first["loc"][:1] == ("body",) else None
     return JSONResponse(error_body(f"{param}: {first['msg']}" if param else first["msg"], param), status_code=400)
+
+
+@http_app.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (unknown route, wrong method, a body it cannot parse) in our error shape."""
+    return JSONResponse(error_body(str(error.detail), None, "invalid_request_error" if error.status_code < 500
+                                   else "server_error"), status_code=error.status_code, headers=error.headers)
 
 
 def _http_error(error: BaseException, request_id: str) -> JSONResponse:
@@ -176,11 +184,21 @@ class HiSpecIngress:
         self.metrics.received("grpc", "ModelInfo")
         if not self._grpc_authorized(grpc_context, "ModelInfo"):
             return pb.ModelInfoResponse()
+        try:
+            grpc_api.check_decoded(request)
+        except InvalidArgument as error:
+            self._grpc_error(grpc_context, "ModelInfo", "-", error)
+            return pb.ModelInfoResponse()
         return grpc_api.model_info(await self.info())
 
     async def Health(self, request: pb.HealthRequest, grpc_context: RayServegRPCContext) -> pb.HealthResponse:
         self.metrics.received("grpc", "Health")
         if not self._grpc_authorized(grpc_context, "Health"):
+            return pb.HealthResponse()
+        try:
+            grpc_api.check_decoded(request)
+        except InvalidArgument as error:
+            self._grpc_error(grpc_context, "Health", "-", error)
             return pb.HealthResponse()
         return pb.HealthResponse(**await self.engine.load.remote())
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_config_validates_and_builds(name):
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text()))
     assert config.grpc_options.port == 9000 and config.http_options.port == 8000
-    assert config.grpc_options.grpc_servicer_functions == ["hispec.rpc.hispec_pb2_grpc.add_HiSpecServicer_to_server"]
+    assert config.grpc_options.grpc_servicer_functions == ["hispec.rpc.servicer.add_HiSpecServicer_to_server"]
     (app,) = config.applications
     assert app.import_path == "hispec.serving.app:build_app"
     # validates the args with pydantic; hispec-gpu.yaml reads its checkpoint from the cluster's model
