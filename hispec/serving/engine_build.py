@@ -33,7 +33,7 @@ def build_engine(args: AppArgs, connection: "PipelineConnection | None" = None) 
     # Ray sets OMP_NUM_THREADS to the replica's num_cpus (the child inherits it); torch_threads overrides it.
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)  # never run code from a checkpoint
     policy, engine_config = args.policy(), args.engine_config()
     if connection is not None:
         from hispec.pipeline import PipelineExecutor

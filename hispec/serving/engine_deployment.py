@@ -47,7 +47,7 @@ class HiSpecEngine:
         self.args = AppArgs.model_validate(args)
         from transformers import AutoTokenizer
 
-        self._detokenize = detokenizer(AutoTokenizer.from_pretrained(self.args.model))
+        self._detokenize = detokenizer(AutoTokenizer.from_pretrained(self.args.model, trust_remote_code=False))
         self.metrics = EngineMetrics()
         self.gpus = GpuMonitor()
         self.pipeline = None  # with pipeline_stages > 1: the stage actors in this replica's placement group

@@ -73,7 +73,7 @@ class HiSpecIngress:
 
         self.args = AppArgs.model_validate(args)
         self.engine = engine
-        self.tokenizer = AutoTokenizer.from_pretrained(self.args.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.args.model, trust_remote_code=False)
         self.metrics = IngressMetrics()
         self._info: "EngineInfo | None" = None
         self.api_key = self.args.api_key()

@@ -86,3 +86,19 @@ def test_bad_ranges_are_rejected(checkpoint):
     part = load_model(directory, layer_range=(0, 2), with_head=False)
     with pytest.raises(RuntimeError, match="exit head"):
         part.exit_logits(torch.zeros(1, 1, 64))
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    """Checkpoints load from safetensors only: a pickle (`pytorch_model.bin`) can run code when it is
+    read, so a directory holding only one is refused, and the pickle is not opened."""
+    import shutil
+
+    import torch
+
+    from hispec.model import load_model
+    from hispec.models import DEFAULT_MODEL
+
+    shutil.copy(DEFAULT_MODEL / "config.json", tmp_path / "config.json")
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(tmp_path)
