@@ -33,8 +33,9 @@ from hispec.errors import InvalidRequest
 from hispec.engine.plan import Feed, Forward, RingKey, StepPlan, Truncate
 from hispec.speculation.hierarchy import BatchPolicy, Hierarchy
 from hispec.speculation.rejection import Verdict
-from hispec.speculation.request import GenerationResult, Request, StepOutput, find_stop_string
+from hispec.speculation.request import GenerationResult, Request, StepOutput
 from hispec.speculation.state import SequenceState, align_actions
+from hispec.speculation.stops import StopFinder
 from hispec.speculation.stats import RequestStats
 
 
@@ -311,6 +312,7 @@ class Scheduler:
             limit=min(P + request.max_new_tokens, self.capacity),  # add_request refused more
             tokens=list(request.prompt_ids), accepted=[P] * (K + 1), fed=[0] * (K + 1),
             attempts=[0] * (K + 1), stats=RequestStats.empty(hierarchy),
+            stop_finder=StopFinder(self.detokenize, request.stop_strings) if request.stop_strings else None,
         )
         self.running[request.request_id] = seq
         return seq
@@ -382,14 +384,13 @@ class Scheduler:
     def _commit(self, seq: SequenceState) -> StepOutput:
         """Apply stop conditions to tokens the target just committed; finish if one holds."""
         before = seq.committed_before_step
-        if seq.request.stop_strings:
-            found = find_stop_string(self.detokenize, seq.generated(), before - seq.prompt_len, seq.request.stop_strings)
-            if found is not None:
-                count, seq.stop_string = found
-                del seq.tokens[seq.prompt_len + count :]
-                for j in range(len(seq.accepted)):
-                    seq.accepted[j] = min(seq.accepted[j], len(seq.tokens))
-                seq.finish_reason = "stop"
+        found = seq.find_stop_string()
+        if found is not None:
+            count, seq.stop_string = found
+            del seq.tokens[seq.prompt_len + count :]
+            for j in range(len(seq.accepted)):
+                seq.accepted[j] = min(seq.accepted[j], len(seq.tokens))
+            seq.finish_reason = "stop"
         new = seq.tokens[before : seq.committed]
         seq.stats.new_tokens = seq.committed - seq.prompt_len
         if seq.finish_reason is None:

@@ -70,16 +70,3 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, str | None
     index, stop = min(hits)
     return text[:index], stop
 
-
-def find_stop_string(
-    detokenize: Callable[[Sequence[int]], str], generated: Sequence[int], seen: int, stop_strings: Sequence[str]
-) -> tuple[int, str] | None:
-    """(tokens to keep, stop string) for the first stop string completed after `seen` tokens of
-    `generated`, or None. The fewest tokens whose text shows it: the output ends there."""
-    if cut_at_stop(detokenize(generated), stop_strings)[1] is None:
-        return None
-    for count in range(max(seen, 1), len(generated) + 1):
-        _, stop = cut_at_stop(detokenize(generated[:count]), stop_strings)
-        if stop is not None:
-            return count, stop
-    return None

@@ -17,6 +17,7 @@ from hispec.speculation.hierarchy import Hierarchy
 from hispec.speculation.request import Request
 from hispec.speculation.sampling import SamplingParams
 from hispec.speculation.stats import RequestStats
+from hispec.speculation.stops import StopFinder
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SequenceState:
     finish_reason: str | None = None
     stop_string: str | None = None
     committed_before_step: int = 0  # where this step's commit starts
+    stop_finder: StopFinder | None = None  # with the request's stop strings: its search over the committed text
 
     @property
     def prompt_len(self) -> int:
@@ -46,6 +48,14 @@ class SequenceState:
 
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len : self.committed]
+
+    def find_stop_string(self) -> tuple[int, str] | None:
+        """(new tokens to keep, stop string) once the committed tokens' text shows a stop string,
+        else None. Reads only the tokens committed since the last call."""
+        if self.stop_finder is None:
+            return None
+        start = self.prompt_len + self.stop_finder.count
+        return self.stop_finder.push(self.tokens[start : self.committed])
 
     def closed(self, level: int) -> bool:
         """Level `level`'s chain cannot grow: it ends with a stop token or reached the limit."""
