@@ -303,12 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(config, len(prompts))
 
     print(f"loadtest: server memory from {server.how}", file=sys.stderr)
+    load_before = os.getloadavg()
     before = server.snapshot()
     with tqdm(total=len(plan), desc="requests", file=sys.stderr) as progress:
         run = asyncio.run(run_load(config, prompts, plan, server, progress))
     after: Snapshot = server.snapshot()
     results = report(config.describe(str(args.prompts or "bundled held-out"), len(prompts)), plan, run,
                      server.how, before, after, greedy=config.greedy)
+    # the client shares the machine with the server (and whatever else runs): say how busy it was
+    results["machine"] = {"cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
+                          "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "loadtest.json").write_text(json.dumps(results, indent=1) + "\n")

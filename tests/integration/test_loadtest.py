@@ -71,6 +71,7 @@ def test_loadtest_reports_a_clean_run(server, tmp_path):
     assert memory["before_mb"] > 100 and memory["after_mb"] > 100  # the engine process holds the model
     assert memory["peak_mb"] >= max(memory["before_mb"], memory["after_mb"])
 
+    assert results["machine"]["cpus"] >= 1 and len(results["machine"]["load_average_after"]) == 3
     assert (out / "loadtest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
