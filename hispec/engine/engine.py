@@ -17,7 +17,7 @@ import torch
 from hispec.config import EngineConfig
 from hispec.engine.executor import Executor, LocalExecutor
 from hispec.engine.plan import KVSnapshot, StepResult
-from hispec.engine.scheduler import ScheduledStep, Scheduler
+from hispec.engine.scheduler import ScheduledStep, Scheduler, attention_break_even
 from hispec.kv.budget import KVLayout, available_memory, plan_kv_cache
 from hispec.model.model import EarlyExitModel
 from hispec.speculation.decisions import Decider
@@ -61,7 +61,8 @@ class SpecEngine:
         log.info("%s", self.kv_layout.describe())
         self.hierarchy = self.policy.choose(1)  # what a lone request gets
         self.scheduler = Scheduler(self.policy, config, vocab_size=cfg.vocab_size, capacity=self.capacity,
-                                   num_slots=self.num_slots, eos_token_ids=cfg.eos_token_ids, detokenize=detokenize)
+                                   num_slots=self.num_slots, eos_token_ids=cfg.eos_token_ids, detokenize=detokenize,
+                                   attention_break_even=attention_break_even(cfg))
         self.decider = Decider(self.num_slots, cfg.vocab_size, verifier)
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
 

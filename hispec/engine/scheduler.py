@@ -110,9 +110,13 @@ class Scheduler:
         num_slots: int | None = None,
         eos_token_ids: Sequence[int] = (),
         detokenize: Callable[[Sequence[int]], str] | None = None,
+        attention_break_even: float | None = None,
     ) -> None:
         """`capacity`: tokens per sequence (prompt + new); `num_slots`: sequences the KV cache
-        holds (the KV layout's; default config.max_batch_size)."""
+        holds (the KV layout's; default config.max_batch_size); `attention_break_even`: the keys
+        after which a prompt token's attention costs as much as the rest of its forward (see
+        `attention_break_even()`; None: prompt tokens cost the same wherever they sit)."""
+        self.attention_break_even = attention_break_even
         self.policy, self.config = policy, config
         self.vocab_size, self.capacity = vocab_size, capacity
         self.eos_token_ids = tuple(eos_token_ids)
@@ -275,17 +279,21 @@ class Scheduler:
 
     # ---- admission and prefill ---------------------------------------------------------------
     def _prefill_chunks(self) -> tuple[list[_PrefillChunk], list[StepOutput]]:
-        """This step's prompt chunks, at most `prefill_chunk_tokens` tokens in all: first the
-        sequences already being prefilled (oldest first), then waiting requests admitted into free
-        slots (first come, first served) while the budget lasts. A request with max_new_tokens 0
+        """This step's prompt chunks, within a budget of `prefill_chunk_tokens` tokens at the start of
+        a prompt (later chunks get fewer: their tokens attend to the prompt before them, see
+        `_chunk_cost`; on CPU a step's cost, and so every running stream's inter-token time, follows
+        the work, not the token count):
+        first the sequences already being prefilled (oldest first), then waiting requests admitted into
+        free slots (first come, first served) while the budget lasts. A request with max_new_tokens 0
         takes no slot: it finishes at once."""
-        chunks, at_once, budget = [], [], self.config.prefill_chunk_tokens
+        budget, chunks, at_once = float(self.config.prefill_chunk_tokens), [], []
         for seq in self.prefilling.values():
-            if budget == 0:
-                break
             done = seq.fed[0]
-            chunks.append(_PrefillChunk(seq, done, min(seq.prompt_len - done, budget)))
-            budget -= chunks[-1].count
+            count = self._chunk_tokens(done, seq.prompt_len - done, budget, not chunks)
+            if count == 0:
+                break
+            chunks.append(_PrefillChunk(seq, done, count))
+            budget -= self._chunk_cost(done, count)
         while self.waiting and self.free_slots:
             request = self.waiting[0]
             if request.max_new_tokens == 0:
@@ -293,14 +301,28 @@ class Scheduler:
                 at_once.append(StepOutput(request.request_id, [], GenerationResult(
                     request.request_id, request.prompt_ids, [], "length", RequestStats.empty(self.policy.choose(1)))))
                 continue
-            if budget == 0:
+            count = self._chunk_tokens(0, len(request.prompt_ids), budget, not chunks)
+            if count == 0:
                 break
             self.waiting.popleft()
             seq = self._new_sequence(request)
             self.prefilling[request.request_id] = seq
-            chunks.append(_PrefillChunk(seq, 0, min(seq.prompt_len, budget)))
-            budget -= chunks[-1].count
+            chunks.append(_PrefillChunk(seq, 0, count))
+            budget -= self._chunk_cost(0, count)
         return chunks, at_once
+
+    def _chunk_cost(self, start: int, count: int) -> float:
+        """Prompt tokens [start, start + count) in budget units: a token costs 1 plus its attention to
+        the `start` keys before the chunk, relative to the attention break-even."""
+        if self.attention_break_even is None:
+            return float(count)
+        return count * (1 + start / self.attention_break_even)
+
+    def _chunk_tokens(self, start: int, remaining: int, budget: float, first: bool) -> int:
+        """The most of `remaining` prompt tokens after `start` that `budget` pays for (at least one
+        token for the step's first chunk, so a prompt always moves)."""
+        count = int(max(budget, 0) / self._chunk_cost(start, 1) + 1e-9)
+        return min(remaining, max(count, 1 if first else 0))
 
     def _new_sequence(self, request: Request) -> SequenceState:
         hierarchy = self.policy.choose(len(self.running) + 1)  # by the batch size it joins
@@ -429,3 +451,15 @@ def _same_catch_ups(a: list[_PlannedFeed], b: list[_PlannedFeed]) -> bool:
         x.seq is y.seq and x.start == y.start and x.count == y.count == 1 and not x.wants_logits and not y.wants_logits
         for x, y in zip(a, b)
     )
+
+
+def attention_break_even(model_config) -> float:
+    """Keys after which a prompt token's attention costs as much as the rest of its forward. Per layer
+    a token's projections take 2 x (parameters of the layer) FLOPs and its attention 4 x heads x
+    head_dim per key; on CPU the attention kernels run at about half the FLOP rate of the projections'
+    matrix products (measured on the bundled model: the per-token cost doubles after ~815 keys, FLOPs
+    alone say ~1,400), hence the extra factor 2."""
+    c = model_config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+    return 2 * per_layer / (4 * q) / 2

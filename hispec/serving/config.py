@@ -49,9 +49,11 @@ class AppArgs(BaseModel):
     kv_cache_memory_fraction: float | None = Field(None, gt=0, le=0.95, description="share of the device's "
                                                    "available memory the KV cache may take (default 0.5 when "
                                                    "kv_cache_memory is not set either)")
-    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per engine step: a long "
-                                      "prompt enters in chunks between decoding steps, so running streams keep "
-                                      "their pace")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per engine step (at the "
+                                      "start of a prompt; later chunks are smaller, as their tokens attend to more "
+                                      "of the prompt): a long prompt enters in chunks between decoding steps, so "
+                                      "running streams keep their pace. On CPU, keep a chunk's work near a decoding "
+                                      "step's (deploy/hispec.yaml: 16)")
     max_queued_requests: int = Field(64, ge=0, description="requests one engine replica holds beyond its running "
                                      "sequences; more are refused at once (gRPC RESOURCE_EXHAUSTED, HTTP 429)")
     max_prompts_per_request: int = Field(16, ge=1, le=1024, description="prompts one /v1/completions request may "

@@ -27,6 +27,8 @@ import re
 from collections import defaultdict
 
 import pytest
+
+from hispec.errors import InvalidRequest
 import torch
 
 from hispec.config import EngineConfig, ModelConfig
@@ -378,14 +380,15 @@ def test_context_limit(tiny_executor, tmp_path):
     """max_context=24 over a 256-token pipeline: the engine stops where a 24-position model must."""
     short = tiny_model(tmp_path, max_position_embeddings=24)  # the same weights (same seed)
     prompts = random_prompts((1, 5, 20, 23), short.config.vocab_size, seed=3)
-    expected = [greedy_generate(short, p, 40) for p in prompts]
-    assert {reason for _, reason in expected} == {"context"}
+    expected = [greedy_generate(short, p, 24 - len(p)) for p in prompts]
     for exits, budgets in GRID:
         engine = tiny_engine(tiny_executor, exits, budgets, max_batch_size=TINY_SLOTS, max_context=24)
-        results = generate(engine, requests_for(prompts, 40))
+        results = generate(engine, [Request(p, 24 - len(p), stop_token_ids=()) for p in prompts])
         assert [(r.token_ids, r.finish_reason) for r in results] == expected, (exits, budgets)
-    with pytest.raises(ValueError, match="leaves no room"):
+    with pytest.raises(InvalidRequest, match="leaves no room"):
         engine.add_request(Request(list(range(24)), 5))
+    with pytest.raises(InvalidRequest, match="max_new_tokens"):
+        engine.add_request(Request(prompts[0], 40))
 
 
 def test_abort_mid_generation(tiny_executor, tiny_prompts, tiny_reference):

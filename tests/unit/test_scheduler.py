@@ -137,10 +137,11 @@ class Harness:
     """A scheduler driven like SpecEngine drives it, over a ScriptedExecutor."""
 
     def __init__(self, hierarchy: Hierarchy | BatchPolicy, *, capacity: int = 64, rule=scripted_next, eos=(),
-                 **config) -> None:
+                 attention_break_even: float | None = None, **config) -> None:
         config = EngineConfig(**config)
         policy = hierarchy if isinstance(hierarchy, BatchPolicy) else BatchPolicy.fixed(hierarchy)
-        self.scheduler = Scheduler(policy, config, vocab_size=V, capacity=capacity, eos_token_ids=eos)
+        self.scheduler = Scheduler(policy, config, vocab_size=V, capacity=capacity, eos_token_ids=eos,
+                                   attention_break_even=attention_break_even)
         self.executor = ScriptedExecutor(config.max_batch_size, capacity, rule)
         self.plans: list[StepPlan] = []
         # Per step: (ids of the sequences decoding before it, i.e. holding a slot with their whole
@@ -279,6 +280,23 @@ def test_prefill_chunk_splits_prompts_over_steps():
         chunks.append([(f.slot, f.start, f.count) for fwd in scheduled.plan.forwards if fwd.prefill for f in fwd.feeds])
     # 8 prompt tokens a step: 5 + 3 of 4 | the last 1 + 3 + 4 of 6 | the last 2
     assert chunks == [[(0, 0, 5), (1, 0, 3)], [(1, 3, 1), (2, 0, 3), (3, 0, 4)], [(3, 4, 2)]]
+
+
+def test_prefill_chunks_shrink_as_attention_to_the_prompt_grows():
+    """With an attention break-even of K keys, a prompt token after `start` others costs 1 + start / K of
+    the budget: chunks of a long prompt get smaller (each step's work stays about the same), never
+    empty, and the budget is shared by every prompt of the step."""
+    h = Harness(Hierarchy(L), max_batch_size=2, prefill_chunk_tokens=10, attention_break_even=20, capacity=200)
+    h.add(prompts_of((120,))[0], 2, "long")
+    starts, counts = [], []
+    while "long" in h.scheduler.prefilling or h.scheduler.waiting:
+        scheduled, _ = h.step()
+        [(start, count)] = [(f.start, f.count) for fwd in scheduled.plan.forwards if fwd.prefill for f in fwd.feeds]
+        starts.append(start)
+        counts.append(count)
+    assert counts[:4] == [10, 6, 5, 4]  # floor(10 / (1 + start / 20)) at starts 0, 10, 16, 21
+    assert counts[-1] >= 1 and sum(counts) == 120 and min(counts[:-1]) == 1
+    assert all(count * (1 + start / 20) <= 10 or count == 1 for start, count in zip(starts, counts))
 
 
 def test_prefill_spans_all_layers_with_one_head_row():

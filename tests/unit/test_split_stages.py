@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from hispec.errors import InvalidRequest
+
 from hispec.engine import EngineConfig
 from hispec.model.greedy import greedy_generate
 from hispec.speculation import Hierarchy, Request, SamplingParams
@@ -102,16 +104,18 @@ def test_one_token_prompts(model, model_dir, split):
 
 @pytest.mark.parametrize("split", SPLITS, ids=split_ids)
 def test_context_limit(model, model_dir, split):
-    """max_context 24: a sequence holds at most 24 tokens of KV, so prompt + new <= 25."""
+    """max_context 24: prompt + new tokens <= 24; a request asking for more is refused, naming the field."""
     prompts = random_prompts((1, 5, 20, 23), model.config.vocab_size, seed=3)
-    expected = [(greedy_generate(model, p, 25 - len(p))[0], "context") for p in prompts]
+    expected = [(greedy_generate(model, p, 24 - len(p))[0], "length") for p in prompts]
     for exits, budgets in [((), ()), *SOME, ((5,), (6,))]:
         engine = engine_for(model_dir, exits, budgets, split, max_batch_size=4, max_context=24)
         assert engine.executor.capacity == 24
-        results = engine.generate(requests_for(prompts, 40))
+        results = engine.generate([Request(p, 24 - len(p), stop_token_ids=()) for p in prompts])
         assert [(r.token_ids, r.finish_reason) for r in results] == expected
-    with pytest.raises(ValueError, match="leaves no room"):
+    with pytest.raises(InvalidRequest, match="leaves no room"):
         engine.add_request(Request(list(range(24)), 5))
+    with pytest.raises(InvalidRequest, match="max_new_tokens"):
+        engine.add_request(requests_for(prompts[:1], 40)[0])
 
 
 @pytest.mark.parametrize("split", SPLITS, ids=split_ids)
