@@ -167,5 +167,11 @@ class EngineLoop:
             return
         for out in outputs:
             sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
-            if sink is not None:
+            if sink is None:
+                continue
+            try:
                 sink(Committed(out.new_token_ids, out.result))
+            except Exception:  # noqa: BLE001 - one request's handling failed: that request ends, the rest go on
+                log.exception("handing tokens to request %s failed; aborting it", out.request_id)
+                if self._sinks.pop(out.request_id, None) is not None:
+                    self.engine.abort(out.request_id)

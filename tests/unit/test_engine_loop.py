@@ -2,6 +2,7 @@
 
 import queue
 import threading
+import time
 
 import pytest
 from hispec.model import load_model
@@ -150,3 +151,27 @@ def test_stop_fails_what_is_left(checkpoint):
         remaining.append(events.get())
     assert isinstance(remaining[-1], Failed) and "shutting down" in str(remaining[-1].error)
     assert not loop.alive
+
+
+def test_a_fault_in_one_requests_handling_fails_no_other(checkpoint):
+    """A request whose sink raises (its handler broke) is aborted alone: its KV slot frees and the
+    requests decoded with it in the same steps finish as plain greedy decoding says."""
+    loop = start_loop(checkpoint)
+    try:
+        prompts = random_prompts([4, 7, 5], vocab=loop.engine.model_config.vocab_size)
+        model = load_model(checkpoint)
+        healthy = [collect(loop, Request(p, 20, stop_token_ids=())) for p in prompts[:2]]
+
+        def broken(event) -> None:
+            raise RuntimeError("this handler is broken")
+
+        loop.submit(Request(prompts[2], 20, stop_token_ids=(), request_id="broken"), broken)
+        for events, prompt in zip(healthy, prompts[:2]):
+            tokens, result = drain(events)
+            assert tokens == greedy_generate(model, prompt, 20, ())[0] and result.finish_reason == "length"
+        deadline = time.monotonic() + 10
+        while loop.engine.num_running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.engine.num_running == 0 and loop.alive
+    finally:
+        loop.stop()
