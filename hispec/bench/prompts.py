@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 from hispec.models import DEFAULT_MODEL
-from hispec.train.data import stdlib_root
 
 PROMPTS_NAME = "heldout_prompts.jsonl"
 
@@ -51,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--count", type=int, default=64)
     args = parser.parse_args(argv)
+    from hispec.train.data import stdlib_root  # imports torch: only this command needs it
+
     split = json.loads((args.model / "data_split.json").read_text())
     files = [stdlib_root() / name for name in split["heldout"]]
     prompts = prompts_from_files(files, args.count)
