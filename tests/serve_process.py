@@ -54,6 +54,13 @@ class Server:
         return {pid for pid, a in args.items() if a.startswith(title_prefix) and ours(pid)}
 
 
+    def rss_bytes(self) -> int:
+        """Resident memory of this server's Serve processes and their children (the engine process)."""
+        from hispec.bench.server_memory import ServerProcesses
+
+        return ServerProcesses(self.pid, "the test's `serve run`").snapshot().total_bytes
+
+
 class ServerFailed(RuntimeError):
     pass
 
@@ -113,6 +120,18 @@ def running_server(config: str, log: Path, http_port: int | None = None,
         config, http_port, grpc_port = _config_on_ports(config, http_port, grpc_port, Path(tmp), args)
         with _serve(config, log, http_port, grpc_port, env or {}) as server:
             yield server
+
+
+@contextlib.contextmanager
+def server_for_tests(config: str, log_dir: Path, **kwargs) -> Iterator[Server]:
+    """`running_server` for a pytest fixture: a server that does not start fails the test with its log."""
+    import pytest
+
+    try:
+        with running_server(config, Path(log_dir) / "serve.log", **kwargs) as handle:
+            yield handle
+    except ServerFailed as error:
+        pytest.fail(str(error))
 
 
 @contextlib.contextmanager

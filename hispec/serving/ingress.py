@@ -180,25 +180,26 @@ class HiSpecIngress:
             self._grpc_error(grpc_context, "GenerateStream", request_id, error)
             raise  # a stream ends with the status set above only when the generator raises
 
-    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
-        self.metrics.received("grpc", "ModelInfo")
-        if not self._grpc_authorized(grpc_context, "ModelInfo"):
-            return pb.ModelInfoResponse()
+    def _grpc_admit(self, context: RayServegRPCContext, method: str, request) -> bool:
+        """Count the call; False (status already set) without the API key or for bytes that were no message."""
+        if not self._grpc_authorized(context, method):
+            return False
         try:
             grpc_api.check_decoded(request)
         except InvalidArgument as error:
-            self._grpc_error(grpc_context, "ModelInfo", "-", error)
+            self._grpc_error(context, method, "-", error)
+            return False
+        return True
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
+        self.metrics.received("grpc", "ModelInfo")
+        if not self._grpc_admit(grpc_context, "ModelInfo", request):
             return pb.ModelInfoResponse()
         return grpc_api.model_info(await self.info())
 
     async def Health(self, request: pb.HealthRequest, grpc_context: RayServegRPCContext) -> pb.HealthResponse:
         self.metrics.received("grpc", "Health")
-        if not self._grpc_authorized(grpc_context, "Health"):
-            return pb.HealthResponse()
-        try:
-            grpc_api.check_decoded(request)
-        except InvalidArgument as error:
-            self._grpc_error(grpc_context, "Health", "-", error)
+        if not self._grpc_admit(grpc_context, "Health", request):
             return pb.HealthResponse()
         return pb.HealthResponse(**await self.engine.load.remote())
 

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve_process import Server, ServerFailed, running_server
+from tests.serve_process import Server, server_for_tests
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Server:
-    try:
-        with running_server("deploy/hispec.yaml", tmp_path_factory.mktemp("serve") / "serve.log") as handle:
-            yield handle
-    except ServerFailed as error:
-        pytest.fail(str(error))
+    with server_for_tests("deploy/hispec.yaml", tmp_path_factory.mktemp("serve")) as handle:
+        yield handle

@@ -23,7 +23,7 @@ from hispec.model.greedy import greedy_generate
 from hispec.models import DEFAULT_MODEL
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
-from tests.serve_process import ROOT, Server, ServerFailed, running_server
+from tests.serve_process import ROOT, Server, server_for_tests
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +56,8 @@ def autoscaling_config(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     tmp = tmp_path_factory.mktemp("autoscaling")
-    try:
-        with running_server(str(autoscaling_config(tmp)), tmp / "serve.log") as handle:
-            yield handle
-    except ServerFailed as error:
-        pytest.fail(str(error))
+    with server_for_tests(str(autoscaling_config(tmp)), tmp) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import requests
 
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
-from tests.serve_process import Server, ServerFailed, running_server
+from tests.serve_process import Server, server_for_tests
 
 pytestmark = pytest.mark.slow
 
@@ -361,12 +361,8 @@ def send_grpc(channel: grpc.Channel, case: GrpcCase) -> Outcome:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory) -> Iterator[Server]:
-    try:
-        with running_server(CONFIG, tmp_path_factory.mktemp("fuzz") / "serve.log",
-                            http_port=HTTP_PORT, grpc_port=GRPC_PORT) as server:
-            yield server
-    except ServerFailed as error:
-        pytest.fail(str(error))
+    with server_for_tests(CONFIG, tmp_path_factory.mktemp("fuzz"), http_port=HTTP_PORT, grpc_port=GRPC_PORT) as server:
+        yield server
 
 
 def valid_answers(server: Server, stub: rpc.HiSpecStub) -> tuple[str, str]:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.serve_process import running_server
+from tests.serve_process import server_for_tests
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ def loadtest(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server("deploy/hispec.yaml", tmp_path_factory.mktemp("serve") / "serve.log",
-                        http_port=8310, grpc_port=9310) as handle:
+    with server_for_tests("deploy/hispec.yaml", tmp_path_factory.mktemp("serve"), http_port=8310,
+                          grpc_port=9310) as handle:
         yield handle
 
 

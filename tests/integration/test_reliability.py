@@ -25,7 +25,7 @@ from hispec.model.greedy import greedy_generate
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
 from tests.long_context import long_context_checkpoint
-from tests.serve_process import Server, ServerFailed, running_server
+from tests.serve_process import Server, server_for_tests
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +50,11 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint) -> Server:
-    log = tmp_path_factory.mktemp("serve-reliability") / "serve.log"
     args = {"model": str(checkpoint), "max_batch_size": RUNNING, "max_queued_requests": QUEUED,
             "stream_interval_s": 0, "default_max_new_tokens": 32, "prefill_chunk_tokens": PREFILL_CHUNK}
-    try:
-        with running_server("deploy/hispec.yaml", log, HTTP_PORT, GRPC_PORT, env={"HISPEC_API_KEY": KEY},
-                            args=args) as handle:
-            yield handle
-    except ServerFailed as error:
-        pytest.fail(str(error))
+    with server_for_tests("deploy/hispec.yaml", tmp_path_factory.mktemp("serve-reliability"), http_port=HTTP_PORT,
+                          grpc_port=GRPC_PORT, env={"HISPEC_API_KEY": KEY}, args=args) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")
@@ -131,20 +127,9 @@ def test_grpc_with_the_key_is_served(stub, expected):
 
 
 # ---- overload ---------------------------------------------------------------------------------
-def _server_rss_kib(server: Server) -> int:
-    total = 0
-    for pid in server.processes("ray::"):
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
 def test_overload_rejects_the_excess_fast_and_serves_the_rest(server, stub, expected):
     offered = 4 * (RUNNING + QUEUED)
-    rss_before = _server_rss_kib(server)
+    rss_before = server.rss_bytes()
     barrier = threading.Barrier(offered)
 
     def call(index: int):
@@ -172,11 +157,11 @@ def test_overload_rejects_the_excess_fast_and_serves_the_rest(server, stub, expe
     for prompt, ids in served:
         assert ids == expected[prompt]
     assert wait_for(lambda: active_sequences(stub) == 0, 10)
-    rss_after = _server_rss_kib(server)
+    rss_after = server.rss_bytes()
     print(f"\noverload: {offered} offered at once, {len(served)} served (all equal to greedy), {len(refused)} "
-          f"refused with RESOURCE_EXHAUSTED in <= {slowest_refusal:.2f} s; server RSS {rss_before // 1024} -> "
-          f"{rss_after // 1024} MiB")
-    assert rss_after < 1.2 * rss_before, f"server RSS {rss_before} -> {rss_after} KiB"
+          f"refused with RESOURCE_EXHAUSTED in <= {slowest_refusal:.2f} s; server RSS {rss_before >> 20} -> "
+          f"{rss_after >> 20} MiB")
+    assert rss_after < 1.2 * rss_before, f"server RSS {rss_before} -> {rss_after} bytes"
 
 
 # ---- cancellation -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from hispec.model.greedy import greedy_generate
 from hispec.models import DEFAULT_MODEL
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
-from tests.serve_process import Server, ServerFailed, running_server
+from tests.serve_process import Server, server_for_tests
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,9 @@ CALL_TIMEOUT_S = 120.0  # no call can hang the test
 
 @pytest.fixture(scope="module")
 def pipeline_server(tmp_path_factory) -> Server:
-    log = tmp_path_factory.mktemp("serve-pipeline") / "serve.log"
-    try:
-        with running_server(CONFIG, log, http_port=HTTP_PORT, grpc_port=GRPC_PORT) as handle:
-            yield handle
-    except ServerFailed as error:
-        pytest.fail(str(error))
+    with server_for_tests(CONFIG, tmp_path_factory.mktemp("serve-pipeline"), http_port=HTTP_PORT,
+                          grpc_port=GRPC_PORT) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")

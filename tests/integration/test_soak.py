@@ -21,7 +21,7 @@ from hispec.model.greedy import greedy_generate
 from hispec.models import DEFAULT_MODEL
 from hispec.rpc import hispec_pb2 as pb
 from hispec.rpc import hispec_pb2_grpc as rpc
-from tests.serve_process import Server, ServerFailed, running_server
+from tests.serve_process import Server, server_for_tests
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +34,9 @@ MODES = [("grpc", False), ("grpc", True), ("http", False), ("http", True)]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    log = tmp_path_factory.mktemp("serve-soak") / "serve.log"
-    try:
-        with running_server("deploy/hispec.yaml", log, HTTP_PORT, GRPC_PORT, args={"stream_interval_s": 0.02}) as handle:
-            yield handle
-    except ServerFailed as error:
-        pytest.fail(str(error))
+    with server_for_tests("deploy/hispec.yaml", tmp_path_factory.mktemp("serve-soak"), http_port=HTTP_PORT,
+                          grpc_port=GRPC_PORT, args={"stream_interval_s": 0.02}) as handle:
+        yield handle
 
 
 @pytest.fixture(scope="module")
@@ -48,27 +45,6 @@ def expected() -> dict[str, list[int]]:
     model = load_model(DEFAULT_MODEL)
     return {p: greedy_generate(model, tokenizer(p)["input_ids"], MAX_NEW, model.config.eos_token_ids)[0]
             for p in PROMPTS}
-
-
-def server_rss_kib(server: Server) -> int:
-    """Resident memory of every Ray process of this server (replicas, engine process, proxies, controller)."""
-    pids = server.processes("ray::") | {child for pid in server.processes("ray::ServeReplica") for child in _children(pid)}
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except OSError:
-        return []
 
 
 class Client:
@@ -119,17 +95,17 @@ def test_soak_1000_requests_at_concurrency_16(server, expected):
             errors.append((index, protocol, stream, repr(error)[:200]))
         finished = next(done)
         if finished == WINDOW:
-            rss["first"] = server_rss_kib(server)
+            rss["first"] = server.rss_bytes()
 
     started = time.monotonic()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(one, range(REQUESTS)))
     took = time.monotonic() - started
-    rss["last"] = server_rss_kib(server)
+    rss["last"] = server.rss_bytes()
     growth = rss["last"] / rss["first"] - 1
     print(f"\nsoak: {REQUESTS} requests at concurrency {CONCURRENCY} in {took:.0f} s "
           f"({REQUESTS / took:.1f} req/s), {len(errors)} errors, {len(mismatches)} outputs unlike greedy; "
-          f"server RSS after the first {WINDOW}: {rss['first'] // 1024} MiB, after all: {rss['last'] // 1024} MiB "
+          f"server RSS after the first {WINDOW}: {rss['first'] >> 20} MiB, after all: {rss['last'] >> 20} MiB "
           f"({growth:+.1%})")
     assert not errors, errors[:5]
     assert not mismatches, mismatches[:5]
