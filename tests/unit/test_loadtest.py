@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -107,6 +109,12 @@ def test_process_tree_and_rss():
     assert descendants(table, {5, 99}) == {5}
     assert rss_bytes(os.getpid()) > 10 * 1024 * 1024
     assert rss_bytes(2 ** 22 + 12345) is None
-    # this test's own tree has no Serve process: with a root given, the whole subtree is measured
-    own = ServerProcesses(os.getpid(), "test").snapshot()
-    assert os.getpid() in own.processes and own.total_bytes >= own.processes[os.getpid()][1]
+    # a tree with no Serve process in it (not this test's own: a session's test server may run under
+    # it): with a root given, the whole subtree is measured
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        own = ServerProcesses(child.pid, "test").snapshot()
+        assert child.pid in own.processes and own.total_bytes >= own.processes[child.pid][1] > 0
+    finally:
+        child.kill()
+        child.wait()
