@@ -1,127 +1,68 @@
-"""The cost model: what a decoding run should cost, from the forwards it ran and per-shape costs.
+"""The cost model: a configuration's time per token, predicted from what its acceptance made it
+run, priced with a cost table timed apart from the runs (hispec.bench.cost_table).
 
-The engine logs every forward by shape (`SpecEngine.forward_log`: layers, sequences, tokens per
-sequence, exit-head rows, prefill or not). Acceptance rates decide that log: a method that
-accepts more runs fewer, wider target forwards. `CostTable.recording(model)` times the model's
-own work while runs happen — each forward's planning (positions, mask, rotary rows), its layers,
-and the exit head — and keeps, per shape, the mean seconds of the plan, of the forward and of the
-head call. The mean, not the median: timings on this VM are right-skewed (a 2-layer draft forward:
-median 734 us, mean 763 us), and the expected cost of a forward is what a run pays; priced with
-means, the prediction of a run equals the time its model work took. Timing in place matters on a CPU: an isolated probe sees caches in another state than a
-real step, and on this 2-core VM that moved per-layer costs by 2x either way.
+A run's acceptance statistics decide its forward log (`SpecEngine.forward_log`: forwards counted
+by shape — layers, sequences, tokens per sequence, exit-head rows, vocabulary scored, prefill): a
+method whose drafts are accepted more often runs fewer, wider target forwards and fewer rounds
+per committed token. The prediction is
 
-`price(log)` = sum over shapes of count x (plan + forward + head): the time the
-algorithm needs with this runtime (predicted tokens/s use the means over the whole benchmark).
-Measured / predicted is priced per run with that run's own timings (`since(mark)`), then the
-median over repetitions: on this VM the machine's speed drifts by tens of percent between
-repetitions, and mixing one run's wall time with another's forward costs measured the drift, not
-the engine. 1 - measured/predicted is the share of the run spent outside the model's forwards
-(scheduling, buffers, sampling decisions, Python), the part an implementation can remove.
+    predicted seconds = sum over shapes of count x (forward + head seconds from the table)
+    predicted tokens/s = committed tokens / predicted seconds
+
+No time of the predicted run enters it: the table was timed on the same model and machine, but
+outside the measured runs. What it leaves out is everything outside the model's forwards
+(scheduling, hidden-state buffers, decisions, Python; in a pipeline also transport), so a measured
+speed below the prediction is that overhead plus the table's error. `hispec tune` checks the
+model where it is used, in ranking: the Spearman rank correlation of predicted and measured speed
+over its candidates.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections import Counter, defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-from hispec.model.model import EarlyExitModel
+from hispec.bench.cost_table import CostTable
 from hispec.engine import ForwardShape
 
 
-_SAMPLES = ("plan_samples", "forward_samples", "head_samples")
+def predicted_seconds(table: CostTable, log: dict[ForwardShape, int]) -> float:
+    """The time the forwards in `log` take at `table`'s rates (KeyError: a shape it lacks)."""
+    return table.price(log)
 
 
-class CostTable:
-    def __init__(self) -> None:
-        self.plan_samples: dict[tuple[int, int, bool], list[float]] = defaultdict(list)  # (B, T, prefill)
-        # (layers, B, T, prefill) -> seconds of the whole forward: a forward over few layers carries the
-        # same fixed cost (length checks, dispatch warm-up) as a deep one, so cost is not layers x a rate
-        self.forward_samples: dict[tuple[int, int, int, bool], list[float]] = defaultdict(list)
-        # (rows, vocabulary scored: 0 = all) -> seconds
-        self.head_samples: dict[tuple[int, int], list[float]] = defaultdict(list)
+def predicted_tokens_per_s(table: CostTable, log: dict[ForwardShape, int], tokens: int) -> float | None:
+    """`tokens` committed over the predicted time of `log`, rounded; None if the log is empty."""
+    seconds = predicted_seconds(table, log)
+    return round(tokens / seconds, 2) if seconds > 0 else None
 
-    @contextmanager
-    def recording(self, model: EarlyExitModel) -> Iterator["CostTable"]:
-        """Time `model`'s plan / forward_layers / exit head (exit_logits, exit_head) calls (all on
-        the host: CPU ops are synchronous; on a GPU this would need a synchronize per call) while
-        the block runs."""
-        plan, forward_layers, exit_logits, exit_head = model.plan, model.forward_layers, model.exit_logits, model.exit_head
 
-        def key(step):
-            # A prefill is the only forward at position 0 (the engine never mixes it with decoding).
-            return (step.batch_size, step.width, int(step.starts[0]) == 0)
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ascending; tied values share the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
 
-        def timed_plan(*args, **kwargs):
-            started = time.perf_counter()
-            step = plan(*args, **kwargs)
-            seconds = time.perf_counter() - started
-            self.plan_samples[key(step)].append(seconds)
-            return step
 
-        def timed_forward(hidden, step, cache, lo, hi, out=None):
-            started = time.perf_counter()
-            out = forward_layers(hidden, step, cache, lo, hi, out)
-            seconds = time.perf_counter() - started
-            self.forward_samples[(hi - lo, *key(step))].append(seconds)
-            return out
-
-        def timed(head):
-            def timed_head(hidden, vocab_limit=None):
-                started = time.perf_counter()
-                out = head(hidden, vocab_limit)
-                seconds = time.perf_counter() - started
-                rows = hidden.shape[0] if hidden.dim() == 2 else hidden.shape[-2]
-                self.head_samples[(rows, vocab_limit or 0)].append(seconds)
-                return out
-            return timed_head
-
-        model.plan, model.forward_layers = timed_plan, timed_forward
-        model.exit_logits, model.exit_head = timed(exit_logits), timed(exit_head)
-        try:
-            yield self
-        finally:
-            del model.plan, model.forward_layers, model.exit_logits, model.exit_head  # back to the class methods
-
-    def forward_seconds(self, shape: ForwardShape) -> float:
-        key = (shape.layers, shape.batch, shape.tokens, shape.prefill)
-        if key not in self.forward_samples:
-            raise KeyError(f"no timings recorded for forwards of shape {key}")
-        seconds = statistics.fmean(self.plan_samples[key[1:]]) + statistics.fmean(self.forward_samples[key])
-        if shape.head_rows:
-            seconds += statistics.fmean(self.head_samples[(shape.head_rows, shape.head_vocab)])
-        return seconds
-
-    def price(self, log: Counter) -> float:
-        """Seconds the forwards in `log` cost at the recorded per-shape rates."""
-        return sum(count * self.forward_seconds(shape) for shape, count in log.items())
-
-    def mark(self) -> dict[str, dict]:
-        """How many samples each shape has now; `since(mark)` keeps only later ones."""
-        return {name: {key: len(v) for key, v in getattr(self, name).items()} for name in _SAMPLES}
-
-    def since(self, mark: dict[str, dict]) -> "CostTable":
-        """A table of the samples recorded after `mark`: the costs of one run, timed in that run.
-        Pricing a run's own log with it gives the time that run spent in model work, so
-        price / wall time is its efficiency even when the machine's speed drifts between runs."""
-        table = CostTable()
-        for name in _SAMPLES:
-            for key, samples in getattr(self, name).items():
-                seen = mark[name].get(key, 0)
-                if len(samples) > seen:
-                    getattr(table, name)[key] = samples[seen:]
-        return table
-
-    def to_dict(self) -> dict:
-        def us(samples):
-            return round(statistics.fmean(samples) * 1e6, 1)
-
-        return {
-            "forward_us": {f"{n}layers-B{b}xT{t}{'-prefill' if p else ''}": {
-                "plan": us(self.plan_samples[(b, t, p)]), "forward": us(v), "per_layer": round(us(v) / n, 1),
-                "samples": len(v)} for (n, b, t, p), v in sorted(self.forward_samples.items())},
-            "head_us": {f"{rows}@{vocab}" if vocab else str(rows): us(v)
-                        for (rows, vocab), v in sorted(self.head_samples.items())},
-        }
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties: mean ranks), in
+    [-1, 1]. None when it is undefined: fewer than 2 pairs, or one side all equal."""
+    if len(xs) != len(ys):
+        raise ValueError(f"spearman needs pairs: {len(xs)} x values, {len(ys)} y values")
+    if len(xs) < 2:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    mean = (len(xs) + 1) / 2  # the mean of ranks 1..n, ties or not
+    cov = sum((a - mean) * (b - mean) for a, b in zip(rx, ry))
+    var_x = sum((a - mean) ** 2 for a in rx)
+    var_y = sum((b - mean) ** 2 for b in ry)
+    if var_x == 0 or var_y == 0:
+        return None
+    return cov / (var_x * var_y) ** 0.5

@@ -30,8 +30,9 @@ def tokens_per_second(results: dict, path: Path) -> None:
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("tokens / s (median)")
     stages = results["config"].get("pipeline_stages", 1)
+    pipelined = f"; green: {stages} pipeline stages" if stages > 1 else ""
     ax.set_title(f"batch 1, {results['config']['num_prompts']} prompts x {results['config']['max_new_tokens']} tokens "
-                 "(dashed: cost model" + (f"; green: {stages} pipeline stages" if stages > 1 else "") + ")", fontsize=9)
+                 f"(dashed: the cost model's prediction{pipelined})", fontsize=9)
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -69,6 +70,24 @@ def throughput_vs_batch(results: dict, path: Path) -> None:
     ax.set_xlabel("batch size")
     ax.set_ylabel("tokens / s (median)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def predicted_vs_measured(rows: list[dict], spearman: float | None, path: Path) -> None:
+    """`hispec tune`'s candidates: the cost model's predicted tokens/s against one measured run each."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for method, color in (("layerskip", "C0"), ("hispec", "C1")):
+        points = [(r["predicted_tokens_per_s"], r["measured_tokens_per_s"]) for r in rows
+                  if r["method"] == method and r["predicted_tokens_per_s"] is not None]
+        if points:
+            ax.scatter(*zip(*points), s=14, color=color, label=method)
+    ax.set_xlabel("predicted tokens / s (cost model)")
+    ax.set_ylabel("measured tokens / s (one run)")
+    rho = "n/a" if spearman is None else f"{spearman:.2f}"
+    ax.set_title(f"tune candidates: Spearman rank correlation {rho}", fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

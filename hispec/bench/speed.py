@@ -5,9 +5,12 @@
     hispec bench --pipeline-stages 2 --out runs/pp    # also ar-pp2, layerskip-pp2, hispec-pp2
 
 Greedy. Repetitions are interleaved (A B C A B C ...) and medians reported, because this machine
-is noisy. Every method's output is checked against our autoregressive decoding, every repetition.
-Our methods are also priced by the cost model (measured / predicted = how close the engine runs to
-what the algorithm needs with this runtime). With --pipeline-stages S > 1 each of our methods also
+is noisy. Every repetition of every method is checked against our autoregressive decoding
+(`identical_to_ar`, with the repetitions compared and any mismatch). Our methods' speed is also
+predicted by the cost model: the forwards their acceptance made them run, priced with a cost table
+timed separately after the measured runs (OUT/cost_table.json, reused by later runs on the same
+machine and threads); `model_time_share` is the share of each run's wall time spent in the
+model's own calls, timed in place. With --pipeline-stages S > 1 each of our methods also
 runs on a pipeline of S stage actors (a local Ray instance started for the run; rows
 `<method>-pp<S>` beside the others), with each stage's busy / transport / idle time and the bytes
 moved per committed token. Writes OUT/results.json and PNG plots.
@@ -27,7 +30,9 @@ import torch
 from tqdm import tqdm
 
 from hispec.bench import plots
-from hispec.bench.costmodel import CostTable
+from hispec.bench.cost_table import CostTable, timed_cost_table
+from hispec.bench.costmodel import predicted_tokens_per_s
+from hispec.bench.model_time import ModelTimeRecorder
 from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
 from hispec.model import load_model
 from hispec.models import DEFAULT_MODEL
@@ -64,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline-stages", type=int, default=1, metavar="S",
                         help="also run our methods on S stage actors of a local Ray instance (rows <method>-pp<S>; "
                              "default 1: single process only)")
+    parser.add_argument("--cost-table", type=Path, help="the cost model's table, timed separately: reused if it was "
+                                                        "timed on this setup, else (re)timed and written "
+                                                        "(default: OUT/cost_table.json)")
     parser.add_argument("--out", type=Path, required=True)
     return parser
 
@@ -197,19 +205,19 @@ class Timings:
     seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     outputs: dict[tuple[str, int], list[list[list[int]]]] = field(default_factory=dict)  # per run: tokens per prompt
     engines: dict[tuple[str, int], SpecEngine] = field(default_factory=dict)  # ours: the last run's engine
-    efficiency: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per run: its model work / wall time
+    model_time_share: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # per run: model calls / wall time
     pipeline_runs: dict[tuple[str, int], list[PipelineRun]] = field(default_factory=dict)
 
 
 def time_interleaved(methods: dict, runs: list[tuple[str, int]], repeats: int, prompt_ids, max_new: int,
-                     model, costs: CostTable) -> Timings:
+                     model, costs: ModelTimeRecorder) -> Timings:
     """`repeats` rounds of `runs` (method, batch size), interleaved: A B C A B C ... Our
-    single-process runs are timed per forward shape as well (the cost model's samples)."""
+    single-process runs' model calls are timed in place as well (their model time share)."""
     for method in methods.values():  # warm-up: first calls pay one-time costs
         method.run(prompt_ids[:2], 16, 1)
     timings = Timings()
     progress = tqdm(total=repeats * len(runs), desc="bench", unit="run")
-    with costs.recording(model):  # per-shape costs of our forwards, timed where they run
+    with costs.recording(model):  # our forwards' model calls, timed where they run
         for _ in range(repeats):
             for name, batch in runs:
                 progress.set_postfix_str(f"{name} batch {batch}")
@@ -223,7 +231,7 @@ def time_interleaved(methods: dict, runs: list[tuple[str, int]], repeats: int, p
                 if isinstance(methods[name], PipelinedMethod):  # its forwards ran in the stage actors
                     timings.pipeline_runs.setdefault(key, []).append(methods[name].last_run)
                 elif engine is not None:
-                    timings.efficiency.setdefault(key, []).append(costs.since(mark).price(engine.forward_log) / elapsed)
+                    timings.model_time_share.setdefault(key, []).append(costs.since(mark).price(engine.forward_log) / elapsed)
                 progress.update()
     progress.close()
     return timings
@@ -260,10 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                 if hf_exit is None:
                     hf_exit, hf_sweep = best_hf_exit(hf_model, eos, tokenizer.pad_token_id, prompt_ids, L)
                 methods["hf-early-exit"] = HFMethod(hf_model, eos, tokenizer.pad_token_id, early_exit=hf_exit)
-        costs = CostTable()
+        recorder = ModelTimeRecorder()
         runs = [(m, 1) for m in methods] + [(m, b) for b in args.batch_sizes if b > 1 for m in hierarchies]
-        timings = time_interleaved(methods, runs, args.repeats, prompt_ids, args.max_new_tokens, model, costs)
+        timings = time_interleaved(methods, runs, args.repeats, prompt_ids, args.max_new_tokens, model, recorder)
 
+    # The cost table, timed now that the measured runs are over, for every shape they ran.
+    context = round(statistics.fmean(map(len, prompt_ids)) + args.max_new_tokens / 2)
+    shapes = {shape for engine in timings.engines.values() for shape in engine.forward_log}
+    table = timed_cost_table(args.cost_table or args.out / "cost_table.json", model, str(args.model), context, shapes)
     reference = timings.outputs[("ar", 1)][0]
     new_tokens = sum(len(t) for t in reference)
 
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = statistics.median(timings.seconds[key])
         tokens = sum(len(t) for t in timings.outputs[key][-1])
         result = {"tokens_per_s": round(tokens / seconds, 2), "seconds": [round(s, 3) for s in timings.seconds[key]],
-                  "new_tokens": tokens, "identical_to_ar": all(run == reference for run in timings.outputs[key])}
+                  "new_tokens": tokens} | compare_with_ar(timings.outputs[key], reference)
         engine = timings.engines.get(key)
         if engine is not None:
             hierarchy = hierarchies[name]
@@ -283,11 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_target_pass": stats["tokens_per_target_pass"],
                 "layer_forwards_per_token": stats["layer_forwards_per_token"],
                 "layer_token_passes_per_token": stats["layer_token_passes_per_token"],
-                "predicted_tokens_per_s": predicted_tokens_per_s(costs, engine, tokens),
             }
-        if key in timings.efficiency:
-            result |= {"measured_over_predicted": round(statistics.median(timings.efficiency[key]), 3),
-                       "measured_over_predicted_runs": [round(e, 3) for e in timings.efficiency[key]]}
+            result |= prediction(table, engine, tokens, result["tokens_per_s"])
+        if key in timings.model_time_share:
+            result |= {"model_time_share": round(statistics.median(timings.model_time_share[key]), 3),
+                       "model_time_share_runs": [round(e, 3) for e in timings.model_time_share[key]]}
         if key in timings.pipeline_runs:
             result["pipeline"] = pipeline_report(timings.pipeline_runs[key], methods[name].bounds)
         return result
@@ -306,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pipeline_stages > 1:
         results["pipeline_speedups"] = pipeline_speedups(results["batch_sizes"])
     results["crossover_batch_size"] = crossover(results["batch_sizes"])
-    results["cost_table"] = costs.to_dict()
+    results["cost_table"] = table.to_dict()  # the prediction's, timed separately
+    results["model_time_costs"] = recorder.to_dict()  # per-shape means timed inside the runs
     if "hf-early-exit" in methods:
         results["methods"]["hf-early-exit"]["hierarchy"] = f"assistant_early_exit={methods['hf-early-exit'].early_exit}"
         results["hf_early_exit_sweep"] = hf_sweep
@@ -316,8 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     plots.acceptance(results, args.out / "acceptance.png")
     plots.throughput_vs_batch(results, args.out / "throughput_vs_batch.png")
     for name, e in results["methods"].items():
-        extra = f", model {e['measured_over_predicted']:.2f} of predicted" if "measured_over_predicted" in e else ""
-        print(f"{name:14} {e['tokens_per_s']:8.1f} tok/s  identical_to_ar={e['identical_to_ar']}{extra}")
+        print(f"{name:14} {method_summary(e)}")
     for batch, entries in results["batch_sizes"].items():
         for name, e in entries.items():
             if "pipeline" in e:
@@ -327,13 +339,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def predicted_tokens_per_s(costs: CostTable, engine: SpecEngine, tokens: int) -> float | None:
-    """The cost model's tokens/s for the forwards `engine` ran (a pipelined run is priced with the
-    single-process runs' timings of the same shapes; None if one was never timed)."""
-    try:
-        return round(tokens / costs.price(engine.forward_log), 2)
-    except KeyError:
-        return None
+def compare_with_ar(runs: list[list[list[int]]], reference: list[list[int]]) -> dict:
+    """Every repetition's outputs (per run: tokens per prompt) against ar's: identical_to_ar is
+    true only if all of them equal it; each mismatch names its repetition and prompts."""
+    mismatches = [{"repetition": r, "prompts": [p for p, (got, want) in enumerate(zip(run, reference)) if got != want]
+                   or list(range(len(reference)))}  # a different number of outputs: all of them
+                  for r, run in enumerate(runs) if run != reference]
+    return {"identical_to_ar": not mismatches, "repetitions_compared": len(runs), "mismatches": mismatches}
+
+
+def prediction(table: CostTable, engine: SpecEngine, tokens: int, measured: float) -> dict:
+    """The cost model's tokens/s for the forwards `engine` ran (a pipelined row: its forwards as
+    if in one process, without transport), and measured / predicted."""
+    predicted = predicted_tokens_per_s(table, engine.forward_log, tokens)
+    return {"predicted_tokens_per_s": predicted,
+            "measured_over_predicted": round(measured / predicted, 3) if predicted else None}
+
+
+def method_summary(e: dict) -> str:
+    """One line: measured tok/s, the cost model's prediction and model time share if any, and
+    how many repetitions matched ar's output."""
+    line = f"{e['tokens_per_s']:8.1f} tok/s"
+    if e.get("predicted_tokens_per_s"):
+        line += f"  predicted {e['predicted_tokens_per_s']:8.1f} (measured/predicted {e['measured_over_predicted']:.2f})"
+    if "model_time_share" in e:
+        line += f"  model time share {e['model_time_share']:.2f}"
+    matched = e["repetitions_compared"] - len(e["mismatches"])
+    return line + f"  identical_to_ar={e['identical_to_ar']} ({matched}/{e['repetitions_compared']} repetitions)"
 
 
 def check_pipeline_stages(stages: int, hierarchies: dict) -> None:

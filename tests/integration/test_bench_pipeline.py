@@ -22,6 +22,8 @@ def test_pipelined_rows_beside_the_single_process_ones(tmp_path):
         assert set(entries) == {"ar", "hispec", "ar-pp2", "hispec-pp2"}, batch
         for name, entry in entries.items():
             assert entry["identical_to_ar"] and len(entry["seconds"]) == 2, (batch, name)
+            assert entry["repetitions_compared"] == 2 and entry["mismatches"] == [], (batch, name)
+            assert entry["predicted_tokens_per_s"] > 0, (batch, name)  # pipelined: its forwards as if in one process
         assert "pipeline" not in entries["hispec"]
         for name in ("ar-pp2", "hispec-pp2"):
             report = entries[name]["pipeline"]
