@@ -24,6 +24,7 @@ from hispec.serving.config import AppArgs
 from hispec.serving.engine_build import build_engine, detokenizer, pipeline_spec_for
 from hispec.serving.engine_loop import Failed
 from hispec.serving.engine_process import EngineProcess
+from hispec.serving.logs import log_like_serve
 from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.metrics import EngineMetrics, GpuMonitor
 from hispec.serving.params import GenerationParams, Limits
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 )
 class HiSpecEngine:
     def __init__(self, args: dict) -> None:
+        log_like_serve()
         self.args = AppArgs.model_validate(args)
         from transformers import AutoTokenizer
 

@@ -190,6 +190,9 @@ def _call_quietly(callback: Callable, argument) -> None:
 
 # ---- the child -----------------------------------------------------------------------------
 def _child_main(build_engine: Callable[[], SpecEngine], commands: Connection, events: Connection) -> None:
+    # a spawned process starts with no logging set up: ours goes to its stderr (the replica's log)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hispec").setLevel(logging.INFO)
     outbox: list[tuple[str, Committed | Failed]] = []  # touched on the engine thread only
 
     def flush(snapshot: LoopSnapshot) -> None:  # EngineLoop's on_step: once per loop iteration

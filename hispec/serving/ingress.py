@@ -26,6 +26,7 @@ from hispec.serving import grpc_api
 from hispec.serving.config import AppArgs
 from hispec.serving.edge import (UNAUTHENTICATED, EdgeGuard, EdgePolicy, bearer_matches, is_retryable, message_of,
                                  status_of)
+from hispec.serving.logs import log_like_serve
 from hispec.serving.messages import Chunk, EngineInfo
 from hispec.serving.metrics import IngressMetrics
 from hispec.serving.openai_api import CompletionBuilder, CompletionRequest, error_body, field_path, sse
@@ -71,6 +72,7 @@ class HiSpecIngress:
     def __init__(self, engine: DeploymentHandle, args: dict) -> None:
         from transformers import AutoTokenizer
 
+        log_like_serve()
         self.args = AppArgs.model_validate(args)
         self.engine = engine
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.model, trust_remote_code=False)
