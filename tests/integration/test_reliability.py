@@ -307,8 +307,21 @@ def test_engine_process_killed_mid_stream(server, stub, expected):
         stream.start()
     assert wait_for(lambda: all(s.started.is_set() for s in streams[:RUNNING]), 60) is not None
     time.sleep(0.3)
+    health: list[bool] = []
+    polling = threading.Event()
+
+    def poll_health() -> None:  # what Health says while the engine is rebuilt
+        while not polling.is_set():
+            try:
+                health.append(stub.Health(pb.HealthRequest(), metadata=AUTH, timeout=5).serving)
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll_health, daemon=True)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
+    poller.start()
     for stream in streams:
         stream.join(timeout=240)
         assert not stream.is_alive(), "a stream hangs"
@@ -330,6 +343,9 @@ def test_engine_process_killed_mid_stream(server, stub, expected):
           f"{max(s.ended_at for s in streams[:RUNNING]) - killed_at:.2f} s (UNAVAILABLE); queued ones: "
           f"{sum(s.error is None for s in streams[RUNNING:])} of {QUEUED} completed on the rebuilt engine; "
           f"served again {time.monotonic() - killed_at:.1f} s after the kill")
+    polling.set()
+    poller.join(10)
+    assert False in health, "Health never reported the rebuild"
     assert _engine_process_pid(server) != victim
     assert stub.Health(pb.HealthRequest(), metadata=AUTH, timeout=10).serving
     assert time.monotonic() - asked < REBUILD_S
