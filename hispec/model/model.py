@@ -56,6 +56,9 @@ class EarlyExitModel(nn.Module):
         self._native = None  # the C++ layer loop, when use_native_layers() turned it on
         self._native_exit_head = None  # the C++ exit head, made on first use
         self._embedding_rows: torch.Tensor | None = None  # embed_ids' view of the embedding, made on first use
+        # The precision the weights were rounded to (load_model's dtype); the parameters are held in
+        # `dtype`, wider on CPU for bfloat16 (hispec.model.loading.compute_dtype). None: not loaded.
+        self.weights_dtype: torch.dtype | None = None
 
     # ---- set-up --------------------------------------------------------------------------
     @property
@@ -181,6 +184,16 @@ class EarlyExitModel(nn.Module):
     @property
     def native_layers(self) -> bool:
         return self._native is not None
+
+    @property
+    def native_stack(self):
+        """The C++ `LayerStack` (None: the Python loop runs). Its `bf16_layers()` and
+        `packed_forwards()` say how its weights are packed and which path its steps took."""
+        return self._native
+
+    def native_exit_head(self):
+        """The C++ exit head (None: the Python head runs); `bf16()`: packed as bf16 panels."""
+        return None if self._native is None else self._native_head()
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)

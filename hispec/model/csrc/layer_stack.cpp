@@ -9,6 +9,7 @@
 // ops as layers.py. Shapes follow layers.py: x [B, T, d], caches [slots, Hkv, capacity + 1, D].
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -99,6 +100,16 @@ class LayerStack {
 
   int64_t size() const { return static_cast<int64_t>(layers_.size()); }
 
+  // Layers whose four projections are packed as bf16 panels (bf16-exact fp32 weights).
+  int64_t bf16_layers() const {
+    int64_t n = 0;
+    for (const Layer& w : layers_) n += w.packed() && w.qkv_p.bf16() && w.o_p.bf16() && w.gate_up_p.bf16() && w.down_p.bf16();
+    return n;
+  }
+
+  // Forward calls that ran on the packed path so far (tests: which path a step took).
+  int64_t packed_forwards() const { return packed_forwards_.load(std::memory_order_relaxed); }
+
   // Layers [start, stop) of this stack; keys[i] / values[i] are the caches of layer start + i.
   // masked: whether any query may not see every key [0, kv_len) (ForwardStep.masked).
   // out: where the result goes (e.g. a view into the engine's hidden-state ring), or a new tensor.
@@ -122,7 +133,10 @@ class LayerStack {
     TORCH_CHECK(static_cast<int64_t>(keys.size()) == stop - start && keys.size() == values.size(),
                 "one key and one value cache per layer");
     Step step{cos, sin, positions, std::nullopt, read_slots, read_first, uniform_start, slot_index, write_pos, kv_len};
-    if (runs_packed(x, start, stop, keys, values)) return forward_packed(x, start, stop, keys, values, step, out);
+    if (runs_packed(x, start, stop, keys, values)) {
+      packed_forwards_.fetch_add(1, std::memory_order_relaxed);
+      return forward_packed(x, start, stop, keys, values, step, out);
+    }
     if (masked) {  // ForwardStep.mask: key j visible to the query at position p when j <= p
       step.mask = at::arange(kv_len, positions.options()).view({1, 1, 1, kv_len}) <=
                   positions.view({positions.size(0), 1, positions.size(1), 1});
@@ -262,6 +276,7 @@ class LayerStack {
   std::vector<Layer> layers_;
   int64_t n_heads_, n_kv_heads_, head_dim_;
   double eps_;
+  mutable std::atomic<int64_t> packed_forwards_{0};
 };
 
 // The exit head (final norm + LM head) with the layers' kernels; forward(hidden, n) scores
@@ -271,6 +286,9 @@ class ExitHead {
   ExitHead(Tensor norm, Tensor weight, double eps) : norm_(norm), weight_(weight), eps_(eps) {
     if (packable(weight) && norm.scalar_type() == at::kFloat) packed_ = PackedLinear::pack(weight, false);
   }
+
+  // Whether the head is packed as bf16 panels.
+  bool bf16() const { return packed_.defined() && packed_.bf16(); }
 
   Tensor forward(const Tensor& hidden, int64_t vocab_limit) const {
     const int64_t vocab = weight_.size(0), n = vocab_limit < 0 ? vocab : std::min(vocab_limit, vocab);
@@ -342,6 +360,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("positions") = std::nullopt);
   pybind11::class_<ExitHead>(m, "ExitHead")
       .def(pybind11::init<Tensor, Tensor, double>())
+      .def("bf16", &ExitHead::bf16)
       .def("forward", &ExitHead::forward, pybind11::arg("hidden"), pybind11::arg("vocab_limit") = -1,
            pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("forward_argmax", &ExitHead::forward_argmax, pybind11::arg("hidden"), pybind11::arg("vocab_limit") = -1,
@@ -349,5 +368,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<LayerStack>(m, "LayerStack")
       .def(pybind11::init<std::vector<std::vector<std::optional<Tensor>>>, int64_t, int64_t, int64_t, double>())
       .def("__len__", &LayerStack::size)
+      .def("bf16_layers", &LayerStack::bf16_layers)
+      .def("packed_forwards", &LayerStack::packed_forwards)
       .def("forward", &LayerStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
