@@ -37,8 +37,10 @@ def compute_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
 
     bfloat16 on CPU computes in float32: the weights are rounded to bf16 (a bf16 checkpoint's own
     values) and held widened to fp32, which is exact, so the C++ stack's packed GEMMs keep them as
-    bf16 panels (half the bytes streamed) and every product and sum is fp32. CPU bf16 arithmetic
-    through ATen ran ~6x slower per decoded token. Other devices and dtypes compute in `dtype`."""
+    bf16 panels (half the bytes streamed) and every product and sum is fp32. bf16 parameters ran
+    ATen's bf16 ops instead, 2.8-4.6x slower per token (docs/runtime.md, "bfloat16 on CPU"). The
+    KV cache is fp32 too: the packed kernels read and write fp32 K/V. Other devices and dtypes
+    compute in `dtype`."""
     dtype = resolve_dtype(dtype)
     if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
         return torch.float32

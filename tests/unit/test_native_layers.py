@@ -216,3 +216,23 @@ def test_exit_head_argmax_and_vocabulary_prefix(tmp_path):
         torch.testing.assert_close(logits, python.exit_logits(hidden), rtol=1e-5, atol=1e-5)
         prefix, prefix_best = native.exit_head(hidden, 40)
         assert torch.equal(prefix, logits[:, :40]) and prefix_best == prefix.argmax(-1).tolist()
+
+
+def test_bf16_load_counts_packed_forwards_only_for_steps_that_run_packed(tmp_path):
+    """dtype="bfloat16" on CPU: every layer packed as bf16 panels; the stack's packed_forwards()
+    counts the steps of <= 16 rows (decode, verify block), not a wider prefill (MKL); both match
+    the Python loop on the same bf16-rounded fp32 weights."""
+    make_checkpoint(tmp_path, "tied-gqa", num_layers=3)
+    python, native = both_paths(tmp_path, dtype="bfloat16")
+    stack = native.native_stack
+    assert stack.bf16_layers() == 3 and native.native_exit_head().bf16()
+    prompt = torch.randint(3, python.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    caches = [m.new_cache(num_slots=1, capacity=64) for m in (python, native)]
+    for tokens, packed in ((prompt, False), (prompt[:, :5], True), (prompt[:, :1], True)):
+        before = stack.packed_forwards()
+        outs = []
+        for model, cache in zip((python, native), caches):
+            step = model.plan(cache, [0], tokens.shape[1])
+            outs.append(model.forward_layers(model.embed(tokens), step, cache, 0, 3))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+        assert stack.packed_forwards() - before == int(packed)
