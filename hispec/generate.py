@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, help="sampling seed (each prompt uses it; default: random)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights; bfloat16 on CPU computes in float32 over bf16 weights (docs/runtime.md)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     parser.add_argument("--compile", action="store_true", help="torch.compile the layer loop (slow start)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")

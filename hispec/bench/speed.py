@@ -34,7 +34,7 @@ from hispec.bench.cost_table import CostTable, timed_cost_table
 from hispec.bench.costmodel import predicted_tokens_per_s
 from hispec.bench.model_time import ModelTimeRecorder
 from hispec.bench.prompts import PROMPTS_NAME, read_prompts_jsonl
-from hispec.model import load_model
+from hispec.model import compute_dtype, load_model
 from hispec.models import DEFAULT_MODEL
 from hispec.engine import EngineConfig, SpecEngine
 from hispec.engine.plan import StepPlan
@@ -123,7 +123,7 @@ class _CountingExecutor:
     def __init__(self, executor, bounds: tuple[int, ...], dtype: str) -> None:
         self.executor, self.inner_bounds = executor, bounds[1:-1]
         self.model_config, self.num_slots, self.capacity = executor.model_config, executor.num_slots, executor.capacity
-        self.row_bytes = self.model_config.hidden_size * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+        self.row_bytes = self.model_config.hidden_size * torch.empty(0, dtype=compute_dtype(dtype, "cpu")).element_size()
         self.steps = self.hops = self.prefill_row_bytes = 0
 
     def execute(self, plan: StepPlan):

@@ -26,7 +26,7 @@ from hispec.engine.plan import KVSnapshot, StepPlan, StepResult
 from hispec.engine.stage import takes_part
 from hispec.engine.transport import GroupAddress, Transport
 from hispec.kv.budget import KVLayout, pipeline_available_bytes, plan_kv_cache
-from hispec.model.loading import resolve_dtype
+from hispec.model.loading import compute_dtype
 from hispec.pipeline.messages import Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest
 from hispec.speculation.hierarchy import Hierarchy
 
@@ -300,7 +300,7 @@ def _plan_stage_caches(spec: PipelineSpec, actors: list) -> KVLayout:
     if config.kv_cache_memory is None:
         pools = ray.get([a.memory_pool.remote() for a in actors], timeout=spec.ready_timeout_s)
         available = pipeline_available_bytes(spec.stage_ranges(), [free for _, free in pools], [pool for pool, _ in pools])
-    layout = plan_kv_cache(model_config, config, resolve_dtype(spec.dtype), available)
+    layout = plan_kv_cache(model_config, config, compute_dtype(spec.dtype, spec.device), available)
     allocated = ray.get([a.allocate_cache.remote(layout.num_slots, layout.capacity) for a in actors],
                         timeout=spec.ready_timeout_s)
     return KVLayout(layout.num_slots, layout.capacity, layout.bytes_per_token, sum(allocated), layout.budget_bytes)

@@ -21,7 +21,9 @@ class AppArgs(BaseModel):
                         "default: the bundled model")
     model_name: str | None = Field(None, description="the name clients use (OpenAI `model`); default: the "
                                    "checkpoint directory's name")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and activations")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights (and activations on "
+                                                             "GPUs); bfloat16 on CPU computes in float32 over "
+                                                             "bf16 weights (docs/runtime.md)")
     device: str = Field("auto", description="'auto' (cuda when the replica has a GPU, else cpu), 'cpu' or 'cuda'")
     method: Literal["auto", "ar", "layerskip", "hispec"] = Field(
         "auto", description="decoding method; auto: the tuned hierarchy for the current batch size "

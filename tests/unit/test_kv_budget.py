@@ -137,19 +137,20 @@ def llama_shaped_dir(tmp_path_factory) -> Path:
 
 def test_llama_shaped_engine_starts_within_its_budget(llama_shaped_dir, caplog):
     model = load_model(llama_shaped_dir, dtype="bfloat16")
-    assert model.dtype == torch.bfloat16 and model.config.hidden_size == 4096
+    # bfloat16 on CPU: bf16 weights, fp32 activations and KV cache (docs/runtime.md, "bfloat16 on CPU")
+    assert model.weights_dtype == torch.bfloat16 and model.dtype == torch.float32 and model.config.hidden_size == 4096
     config = EngineConfig(max_batch_size=64, kv_cache_memory=600 * MiB)
     with caplog.at_level(logging.INFO, logger="hispec.engine.engine"):
         engine = SpecEngine(model, Hierarchy(LAYERS), config)
-    # 2 layers x K, V x 32 heads x 128 x 2 bytes = 32 KiB a token; 4096 columns = 128 MiB a sequence
-    planned = plan_kv_cache(model.config, config, torch.bfloat16, None)
-    assert (planned.num_slots, planned.capacity, planned.bytes_per_token) == (4, 4096, 32 * 1024)
-    assert (engine.kv_layout.num_slots, engine.kv_layout.capacity) == (engine.num_slots, engine.capacity) == (4, 4096)
+    # 2 layers x K, V x 32 heads x 128 x 4 bytes = 64 KiB a token; 4096 columns = 256 MiB a sequence
+    planned = plan_kv_cache(model.config, config, model.dtype, None)
+    assert (planned.num_slots, planned.capacity, planned.bytes_per_token) == (2, 4096, 64 * 1024)
+    assert (engine.kv_layout.num_slots, engine.kv_layout.capacity) == (engine.num_slots, engine.capacity) == (2, 4096)
     cache = engine.executor.stages[0].cache
     allocated = sum(t.numel() * t.element_size() for t in (*cache.keys, *cache.values))
     assert allocated == planned.total_bytes == engine.kv_layout.total_bytes == 512 * MiB
-    assert engine.scheduler.free_slots == [0, 1, 2, 3]
-    assert "KV cache: 4 sequences x 4096 tokens, 512 MiB (budget 600 MiB)" in caplog.messages
+    assert engine.scheduler.free_slots == [0, 1]
+    assert "KV cache: 2 sequences x 4096 tokens, 512 MiB (budget 600 MiB)" in caplog.messages
     with pytest.raises(InvalidRequest) as refused:
         engine.add_request(Request(list(range(4000)), 97))
     assert refused.value.field == "max_new_tokens"
