@@ -83,6 +83,9 @@ class ModelTimeRecorder:
 
     def forward_seconds(self, shape: ForwardShape) -> float:
         key = (shape.layers, shape.batch, shape.tokens, shape.prefill)
+        if key not in self.forward_samples and shape.prefill:
+            # a prompt chunk after the first starts mid-prompt: recorded as a forward not at position 0
+            key = (*key[:3], False)
         if key not in self.forward_samples:
             raise KeyError(f"no timings recorded for forwards of shape {key}")
         seconds = statistics.fmean(self.plan_samples[key[1:]]) + statistics.fmean(self.forward_samples[key])

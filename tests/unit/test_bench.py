@@ -214,3 +214,17 @@ def test_bench_writes_results_and_plots(checkpoint, tmp_path):
     assert results["methods"]["hf-early-exit"]["hierarchy"] == f"assistant_early_exit={max(sweep, key=sweep.get)}"
     for png in ("tokens_per_s.png", "acceptance.png", "throughput_vs_batch.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_model_time_prices_a_later_prompt_chunk_as_recorded():
+    """A prompt chunk after the first starts mid-prompt: the recorder saw a forward not at position 0,
+    the scheduler's log says prefill; pricing finds it (it raised KeyError on batch-8 runs)."""
+    from hispec.bench.model_time import ModelTimeRecorder
+    from hispec.engine import ForwardShape
+
+    recorder = ModelTimeRecorder()
+    recorder.plan_samples[(2, 41, False)] = [0.001]
+    recorder.forward_samples[(16, 2, 41, False)] = [0.010]
+    assert recorder.forward_seconds(ForwardShape(16, 2, 41, 0, prefill=True)) == pytest.approx(0.011)
+    with pytest.raises(KeyError):
+        recorder.forward_seconds(ForwardShape(16, 3, 41, 0, prefill=True))
