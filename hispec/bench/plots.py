@@ -116,3 +116,40 @@ def heatmap(grid: dict, exits_x: list[int], exits_y: list[int], path: Path, titl
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+TIMELINE_COLORS = {"busy": "#55a868", "transport": "#dd8452", "idle": "#d9d9d9"}
+
+
+def timeline(report: dict, path: Path, title: str = "", zoom_ms: float = 20.0) -> None:
+    """One lane per process of a pipeline (stage 0 at the top, ..., the driver at the bottom) over
+    a window of `hispec.pipeline.timeline.window_report`: busy / transport / idle intervals, x in ms
+    from the window's start, each lane labelled with its shares of the window; below, the window's
+    first `zoom_ms` magnified (a step is a few ms: the whole window shows the pattern, the zoom the steps)."""
+    from matplotlib.patches import Patch
+
+    lanes, length = report["lanes"], report["window"]["length_ms"]
+    zoom = min(zoom_ms, length)
+    fig, (whole, detail) = plt.subplots(2, 1, figsize=(13, 2.0 + 1.3 * len(lanes)))
+    labels = [f"{lane['lane']}" + (f" {lane['layers']}" if "layers" in lane else "") + "\n"
+              + " / ".join(f"{lane['shares'][k]:.0%}" for k in TIMELINE_COLORS) for lane in lanes]
+    for ax, end in ((whole, length), (detail, zoom)):
+        for row, lane in enumerate(lanes):
+            y = len(lanes) - 1 - row
+            for kind, color in TIMELINE_COLORS.items():
+                bars = [(start, stop - start) for k, start, stop in lane["intervals"] if k == kind and start < end]
+                if bars:
+                    ax.broken_barh(bars, (y - 0.38, 0.76), facecolors=color, edgecolors="none")
+        ax.set_yticks(range(len(lanes)), labels[::-1], fontsize=8)
+        ax.set_xlim(0, end)
+        ax.set_ylim(-0.6, len(lanes) - 0.4)
+    whole.axvspan(0, zoom, color="black", alpha=0.08, linewidth=0)
+    whole.set_title(title + "\n(lane labels: busy / transport / idle shares of the window; shaded: magnified below)",
+                    fontsize=9, loc="left")
+    detail.set_title(f"the first {zoom:.0f} ms", fontsize=9, loc="left")
+    detail.set_xlabel("ms from the window's start (CLOCK_MONOTONIC, shared by every process)")
+    whole.legend(handles=[Patch(color=c, label=k) for k, c in TIMELINE_COLORS.items()], loc="lower right",
+                 bbox_to_anchor=(1, 1.0), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

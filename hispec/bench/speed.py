@@ -13,13 +13,18 @@ machine and threads); `model_time_share` is the share of each run's wall time sp
 model's own calls, timed in place. With --pipeline-stages S > 1 each of our methods also
 runs on a pipeline of S stage actors (a local Ray instance started for the run; rows
 `<method>-pp<S>` beside the others), with each stage's busy / transport / idle time and the bytes
-moved per committed token. Writes OUT/results.json and PNG plots.
+moved per committed token. With --timeline, after the timed runs, one more run of the pipelined
+hispec method at batch 1 (and 8, if measured) records every stage's and the driver's busy /
+transport / idle intervals, and a window from its middle is drawn: OUT/timeline.png and
+OUT/timeline.json (OUT/timeline-batch8.*); the timed runs are not recorded. Writes
+OUT/results.json and PNG plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from contextlib import ExitStack
@@ -69,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline-stages", type=int, default=1, metavar="S",
                         help="also run our methods on S stage actors of a local Ray instance (rows <method>-pp<S>; "
                              "default 1: single process only)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="with --pipeline-stages S > 1: after the timed runs, record one run of hispec-pp<S> "
+                             "(batch 1, and 8 if in --batch-sizes) and draw each stage's and the driver's busy / "
+                             "transport / idle intervals over a window from its middle (OUT/timeline.png, .json)")
+    parser.add_argument("--timeline-ms", type=float, default=300.0,
+                        help="the timeline window's length in ms (default 300; the whole run if shorter)")
     parser.add_argument("--cost-table", type=Path, help="the cost model's table, timed separately: reused if it was "
                                                         "timed on this setup, else (re)timed and written "
                                                         "(default: OUT/cost_table.json)")
@@ -242,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(args.methods) - set(OURS + HF)
     if unknown or "ar" not in args.methods:
         raise SystemExit(f"--methods must include ar and come from {OURS + HF}; got {args.methods}")
+    if args.timeline and args.pipeline_stages < 2:
+        raise SystemExit("--timeline draws the stages of a pipeline: give --pipeline-stages 2 or more")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -271,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         recorder = ModelTimeRecorder()
         runs = [(m, 1) for m in methods] + [(m, b) for b in args.batch_sizes if b > 1 for m in hierarchies]
         timings = time_interleaved(methods, runs, args.repeats, prompt_ids, args.max_new_tokens, model, recorder)
+        timelines = record_timelines(methods, args, prompt_ids, timings.outputs[("ar", 1)][0]) if args.timeline else []
 
     # The cost table, timed now that the measured runs are over, for every shape they ran.
     context = round(statistics.fmean(map(len, prompt_ids)) + args.max_new_tokens / 2)
@@ -335,8 +349,55 @@ def main(argv: list[str] | None = None) -> int:
             if "pipeline" in e:
                 print(f"{name:14} batch {batch:>3}  {pipeline_summary(e['pipeline'])}")
     print(json.dumps(results["speedups"]), "crossover:", json.dumps(results["crossover_batch_size"]))
-    print(f"wrote {args.out / 'results.json'} and 3 plots")
+    for batch, path in timelines:
+        report = json.loads(path.read_text())
+        shares = " | ".join(f"{lane['lane']} " + "/".join(f"{lane['shares'][k]:.2f}" for k in ("busy", "transport", "idle"))
+                            for lane in report["lanes"])
+        print(f"timeline batch {batch}: {report['window']['length_ms']:.0f} ms, busy/transport/idle {shares}")
+    print(f"wrote {args.out / 'results.json'} and {3 + len(timelines)} plots")
     return 0
+
+
+def record_timelines(methods: dict, args, prompt_ids, reference: list[list[int]]) -> list[tuple[int, Path]]:
+    """One recorded run of the pipelined hispec method (else layerskip's, else ar's)
+    per batch size (1, and 8 if measured), after the timed runs; a window of --timeline-ms from its
+    middle drawn and written as OUT/timeline[-batch8].png / .json. The (batch, JSON path) pairs."""
+    from hispec.pipeline.timeline import DRIVER_MEANING, STAGE_MEANING, busy_at_once, middle_window, window_report
+
+    base = next(m for m in ("hispec", "layerskip", "ar") if m in args.methods)
+    name = pipelined_name(base, args.pipeline_stages)
+    method: PipelinedMethod = methods[name]
+    executor = method.pipelined.executor
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for batch in [1] + ([8] if 8 in args.batch_sizes else []):
+        executor.start_timeline()
+        elapsed, tokens, _ = method.run(prompt_ids, args.max_new_tokens, batch)
+        lanes = executor.take_timeline()
+        start, end = middle_window(lanes, round(args.timeline_ms * 1e6))
+        stages = len(lanes) - 1
+        layers = [{"layers": list(r)} for r in zip(method.bounds, method.bounds[1:])]
+        report = {"method": name, "batch_size": batch, "num_prompts": len(prompt_ids),
+                  "max_new_tokens": args.max_new_tokens, "run_seconds": round(elapsed, 4),
+                  "tokens_per_s": round(sum(map(len, tokens)) / elapsed, 2), "identical_to_ar": tokens == reference,
+                  "recorded_ms": {lane.name: round((lane.span[1] - lane.span[0]) / 1e6, 3) for lane in lanes}}
+        report["stages_busy_at_once"] = busy_at_once(lanes[:stages], start, end)  # shares of the window: the overlap
+        report |= window_report(lanes, start, end, [STAGE_MEANING] * stages + [DRIVER_MEANING], layers + [{}])
+        overlap = sum(share for busy, share in report["stages_busy_at_once"].items() if int(busy) >= 2)
+        stem = "timeline" if batch == 1 else f"timeline-batch{batch}"
+        path = args.out / f"{stem}.json"
+        path.write_text(one_line_intervals(json.dumps(report, indent=1)) + "\n")
+        plots.timeline(report, args.out / f"{stem}.png",
+                       f"{name}, batch {batch}: {report['window']['length_ms']:.0f} ms from the middle of a "
+                       f"{elapsed * 1000:.0f} ms run ({report['tokens_per_s']:.0f} tok/s while recording); "
+                       f"two or more stages busy at once {overlap:.0%} of it")
+        written.append((batch, path))
+    return written
+
+
+def one_line_intervals(text: str) -> str:
+    """Indented JSON with each [kind, start, end] interval on one line (thousands of them)."""
+    return re.sub(r'\[\s+("busy"|"transport"|"idle"),\s+(\S+),\s+(\S+)\s+\]', r"[\1, \2, \3]", text)
 
 
 def compare_with_ar(runs: list[list[list[int]]], reference: list[list[int]]) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hispec.pipeline.timeline import DEFAULT_CAPACITY
+
 
 @dataclass(frozen=True)
 class SnapshotRequest:
@@ -15,6 +17,15 @@ class StatsRequest:
     """Ask a stage for its loop's timing counters (busy / transport / idle seconds, bytes)."""
 
     reset: bool = False
+
+
+@dataclass(frozen=True)
+class TimelineRequest:
+    """Start recording the stage loop's intervals into a fresh ring of `capacity` (the reply: None),
+    or stop and take what it recorded (the reply: a `timeline.Lane`). Sent between runs, never per step."""
+
+    take: bool = False
+    capacity: int = DEFAULT_CAPACITY
 
 
 @dataclass(frozen=True)

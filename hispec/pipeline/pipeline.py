@@ -27,7 +27,10 @@ from hispec.engine.stage import takes_part
 from hispec.engine.transport import GroupAddress, Transport
 from hispec.kv.budget import KVLayout, pipeline_available_bytes, plan_kv_cache
 from hispec.model.loading import compute_dtype
-from hispec.pipeline.messages import Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest
+from hispec.pipeline.messages import (
+    Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest, TimelineRequest,
+)
+from hispec.pipeline.timeline import BUSY, DEFAULT_CAPACITY, IDLE, TRANSPORT, IntervalRing, Lane
 from hispec.speculation.hierarchy import Hierarchy
 
 log = logging.getLogger(__name__)
@@ -218,6 +221,7 @@ class PipelineExecutor:
         self._pending: dict[int, list[StepPlan]] = {rank: [] for rank in self._ranks}
         self.plan_bytes = 0  # control bytes sent (plans), for reports
         self.steps = 0
+        self._timeline: IntervalRing | None = None  # the driver's own intervals while recording
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Only the stages with work in `plan` get it (a HiSpec step that drafts or verifies below
@@ -248,10 +252,29 @@ class PipelineExecutor:
         """Each stage loop's busy / transport / idle seconds and bytes since the last reset."""
         return self._round_trip(dict.fromkeys(self._ranks, StatsRequest(reset)))
 
+    def start_timeline(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        """Every stage loop and this driver start recording their intervals into fresh rings of
+        `capacity` (one round trip now; nothing per step but the marks)."""
+        self._round_trip(dict.fromkeys(self._ranks, TimelineRequest(take=False, capacity=capacity)))
+        self._timeline = IntervalRing(capacity)
+
+    def take_timeline(self) -> list[Lane]:
+        """Stop recording; the lanes: stage 0, ..., stage S-1, then the driver (see
+        hispec.pipeline.timeline for what each kind of interval means on each)."""
+        ring, self._timeline = self._timeline, None
+        if ring is None:
+            raise RuntimeError("take_timeline without start_timeline")
+        return self._round_trip(dict.fromkeys(self._ranks, TimelineRequest(take=True))) + [ring.lane("driver")]
+
     def _round_trip(self, messages: dict) -> list:
-        """Send each rank its message (identical messages pickled once), then read their replies in rank order."""
+        """Send each rank its message (identical messages pickled once), then read their replies in rank order.
+        While recording: the driver's Python since the last replies is busy, sending is transport,
+        waiting for the replies is idle."""
         if self._broken is not None:
             raise PipelineError(f"the pipeline is down: {self._broken}")
+        timeline = self._timeline
+        if timeline is not None:
+            timeline.mark(BUSY)
         rank = None  # the rank being read from, for the error message
         try:
             by_message: dict[int, list[int]] = {}
@@ -259,6 +282,8 @@ class PipelineExecutor:
                 by_message.setdefault(id(message), []).append(r)
             for ranks in by_message.values():
                 self.plan_bytes += self.transport.send_object(messages[ranks[0]], *ranks) * len(ranks)
+            if timeline is not None:
+                timeline.mark(TRANSPORT)
             replies = []
             for rank in messages:
                 reply = self.transport.recv_object(rank)
@@ -267,6 +292,8 @@ class PipelineExecutor:
                     log.error("stage %d (layers [%d, %d)) failed:\n%s", reply.stage, lo, hi, reply.traceback)
                     raise PipelineError(f"stage {reply.stage} (layers [{lo}, {hi})) failed: {reply.error}")
                 replies.append(reply)
+            if timeline is not None:
+                timeline.mark(IDLE)
             return replies
         except PipelineError as error:
             self._broken = str(error)

@@ -4,6 +4,10 @@ persistent loop that takes plans from the driver over the transport (no Ray call
     actor = StageActor.options(placement_group=..., num_cpus=0.5).remote(spec)
     address = ray.get(first_stage.host_store.remote(world_size, data_backend))  # stage 0 only
     loop = actor.serve.remote(address)            # returns when the driver sends Shutdown
+
+While the driver has it record (`PipelineExecutor.start_timeline` / `take_timeline`, control
+messages between runs), the loop marks its busy / transport / idle intervals in a preallocated
+ring (hispec/pipeline/timeline.py); otherwise it pays one `None` check per message and transfer.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +24,10 @@ import ray
 from hispec.engine.plan import HeadOutput, StepPlan
 from hispec.engine.stage import Stage, run_stage_plan
 from hispec.engine.transport import DistributedLink, GroupAddress, Transport, host_store
-from hispec.pipeline.messages import Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest
+from hispec.pipeline.messages import (
+    Shutdown, SnapshotRequest, StageFailure, StageTimes, StatsRequest, TimelineRequest,
+)
+from hispec.pipeline.timeline import BUSY, IDLE, TRANSPORT, IntervalRing, Lane
 
 
 @dataclass(frozen=True)
@@ -38,22 +46,34 @@ class StageSpec:
 
 class _TimedLink(DistributedLink):
     """Counts the seconds and bytes the stage spends moving rows (a receive's seconds include
-    waiting for the previous stage to produce them)."""
+    waiting for the previous stage to produce them). While the stage records a timeline, each
+    transfer is an interval of its own: the compute before it is closed as busy."""
 
     def __init__(self, transport: Transport, stage: int, times: StageTimes) -> None:
         super().__init__(transport, stage)
         self.times = times
+        self.timeline: IntervalRing | None = None  # set by the stage while it records
 
     def send(self, hidden):
+        timeline = self.timeline
+        if timeline is not None:
+            timeline.mark(BUSY)
         started = time.perf_counter()
         super().send(hidden)
         self.times.transport += time.perf_counter() - started
+        if timeline is not None:
+            timeline.mark(TRANSPORT)
         self.times.bytes_sent += hidden.numel() * hidden.element_size()
 
     def recv(self, shape, dtype, device):
+        timeline = self.timeline
+        if timeline is not None:
+            timeline.mark(BUSY)
         started = time.perf_counter()
         hidden = super().recv(shape, dtype, device)
         self.times.transport += time.perf_counter() - started
+        if timeline is not None:
+            timeline.mark(TRANSPORT)
         self.times.bytes_received += hidden.numel() * hidden.element_size()
         return hidden
 
@@ -76,6 +96,7 @@ class StageActor:
         self._store = None
         self.times = StageTimes()
         self._reset_times = False
+        self._timeline: IntervalRing | None = None  # recording (between TimelineRequests) or None
 
     def ping(self) -> int:
         return os.getpid()
@@ -124,6 +145,8 @@ class StageActor:
                     message = transport.recv_object(0)
                     started = time.perf_counter()
                     times.idle += started - waited
+                    if self._timeline is not None:
+                        self._timeline.mark(IDLE)
                     if isinstance(message, Shutdown):
                         return "shutdown"
                     moving = times.transport
@@ -134,8 +157,12 @@ class StageActor:
                                              traceback.format_exc())
                     sent = time.perf_counter()
                     times.busy += (sent - started) - (times.transport - moving)  # rows moved count as transport
+                    if self._timeline is not None:  # read again: this message may have started or taken it
+                        self._timeline.mark(BUSY)
                     transport.send_object(reply, 0)
                     times.transport += time.perf_counter() - sent
+                    if self._timeline is not None:
+                        self._timeline.mark(TRANSPORT)
                     if self._reset_times:
                         times.__init__()
                         self._reset_times = False
@@ -155,7 +182,18 @@ class StageActor:
         if isinstance(message, StatsRequest):
             self._reset_times = message.reset  # after this message's own time is counted (serve)
             return StageTimes(**vars(self.times))
+        if isinstance(message, TimelineRequest):
+            return self._timeline_request(message, link)
         raise TypeError(f"unknown control message {type(message).__name__}")
+
+    def _timeline_request(self, message: TimelineRequest, link: _TimedLink):
+        """Start recording into a fresh ring (None), or stop and return what was recorded (a Lane)."""
+        if message.take:
+            ring, self._timeline, link.timeline = self._timeline, None, None
+            name = f"stage {self.spec.index}"
+            return ring.lane(name) if ring is not None else Lane(name, b"", array("q"), array("q"))  # not recording
+        self._timeline = link.timeline = IntervalRing(message.capacity)
+        return None
 
 
 def _one_line(error: BaseException) -> str:
