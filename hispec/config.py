@@ -155,6 +155,11 @@ class EngineConfig:
     # Prompt tokens run per step, over every sequence being prefilled: a longer prompt enters over
     # several steps, each also running the decoding forwards of the batch (chunked prefill).
     prefill_chunk_tokens: int = 256
+    # Greedy HiSpec / LayerSkip sequences speculate ahead: the first stage drafts and verifies a
+    # whole window below the target on its own (one driver round trip per window, not per draft),
+    # in a pipeline while the deeper stages check the previous window (hispec.engine.ahead).
+    # Output is the same either way; needs the levels below the target on the first stage.
+    speculate_ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -62,7 +62,8 @@ class SpecEngine:
         self.hierarchy = self.policy.choose(1)  # what a lone request gets
         self.scheduler = Scheduler(self.policy, config, vocab_size=cfg.vocab_size, capacity=self.capacity,
                                    num_slots=self.num_slots, eos_token_ids=cfg.eos_token_ids, detokenize=detokenize,
-                                   attention_break_even=attention_break_even(cfg))
+                                   attention_break_even=attention_break_even(cfg),
+                                   ahead_layers=getattr(executor, "first_stage_layers", 0))
         self.decider = Decider(self.num_slots, cfg.vocab_size, verifier)
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
 
@@ -148,6 +149,9 @@ class SpecEngine:
         verdicts = []
         for d in scheduled.decisions:
             head = result[d.forward][d.seq.slot]
+            if d.ahead:  # the first stage decided it (greedy): an AheadOutput
+                verdicts.append(head)
+                continue
             verdicts.append(self.decider.decide(d.seq, d.level, d.prefill, head.argmax, head.logits))
         return verdicts
 

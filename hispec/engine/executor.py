@@ -51,7 +51,9 @@ class _QueueLink:
         self.inbox, self.outbox = inbox, outbox
 
     def send(self, hidden: torch.Tensor) -> None:
-        self.outbox.append(hidden)
+        # A copy, as a transport would make: the rows may be a view of a ring that this stage
+        # overwrites before the next stage runs (speculation ahead writes past the sent window).
+        self.outbox.append(hidden.clone())
 
     def recv(self, shape, dtype, device) -> torch.Tensor:
         hidden = self.inbox.popleft()
@@ -78,6 +80,7 @@ class LocalExecutor:
         self.model_config = models[0].config
         self.num_slots, self.capacity = num_slots, capacity
         self.stages = [Stage(m, num_slots, capacity) for m in models]
+        self.first_stage_layers = self.stages[0].hi  # where speculation ahead can run
         self.kv_layout = KVLayout(num_slots, capacity, sum(s.cache.bytes_per_token for s in self.stages),
                                   sum(s.cache.nbytes for s in self.stages), budget_bytes)
         queues = [deque() for _ in range(len(models) - 1)]
@@ -85,7 +88,7 @@ class LocalExecutor:
                        for i in range(len(models))]
 
     def execute(self, plan: StepPlan) -> StepResult:
-        result: StepResult = [{} for _ in plan.forwards]
+        result: StepResult = [{} for _ in range(len(plan.forwards) + len(plan.aheads))]
         for stage, link in zip(self.stages, self._links):
             for i, heads in run_stage_plan(stage, plan, link).items():
                 result[i].update(heads)

@@ -74,18 +74,62 @@ class Truncate:
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculateAhead:
+    """Greedy speculation below the target for the sequence in `slot`, run where it is cheap: by the
+    first stage, on its own, after the step's forwards (hispec.engine.ahead). In a pipeline it runs
+    while the deeper stages check the window this step sent them, so drafting leaves the critical
+    path, and it costs no driver round trip per draft.
+
+    Levels 0..K-1 of the hierarchy with `bounds` (0, e_0, ..., e_{K-1}, L) and `budgets` draft and
+    verify (greedy: argmax) until level K-1's chain reaches `goal` tokens or closes (a stop token,
+    or `limit`); K is 1 or 2. Start: the chain ends at position `base` with the token
+    `first_draft_forward`'s head proposed there (that forward ran the token before it through level
+    0); `fed` is each level's KV length after the step's forwards. When the step also sent the
+    window to the target, its catch-up through level K-1 (forward `verifier_row_forward`) already
+    gave level K-1's row at `base`: its first verification starts with it."""
+
+    slot: int
+    bounds: tuple[int, ...]
+    budgets: tuple[int, ...]
+    window: int  # the hierarchy's ring window
+    first_draft_forward: int  # the forward of this plan whose head row proposes the token at `base`
+    verifier_row_forward: int | None
+    base: int
+    fed: tuple[int, ...]  # per level 0..K-1
+    goal: int  # stop once level K-1 holds this many tokens
+    limit: int  # most tokens (prompt + new) the sequence may hold
+    stop_token_ids: frozenset[int] = frozenset()
+    head_vocab: int | None = None  # as Forward.head_vocab
+
+
+@dataclass(frozen=True, slots=True)
+class AheadOutput:
+    """What a `SpeculateAhead` produced: level K-1's chain from `base` on (every level below the
+    target now holds it; its last token is not run through any layer yet), the KV length of each
+    level, and what it ran, for statistics."""
+
+    tokens: tuple[int, ...]
+    fed: tuple[int, ...]  # per level 0..K-1
+    proposed: tuple[int, ...]  # per level 0..K-1 (level 0: tokens drafted)
+    accepted: tuple[int, ...]  # per level 0..K-1 (level 0: always 0)
+    rounds: tuple[int, ...]
+    forwards: tuple[tuple[int, int, int], ...]  # (layers, tokens, head rows) of every forward it ran
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlan:
-    """Applied in this order: truncations, releases, then the forwards in sequence (a forward may
-    read a ring an earlier forward of the same step wrote)."""
+    """Applied in this order: truncations, releases, the forwards in sequence (a forward may
+    read a ring an earlier forward of the same step wrote), then the speculations ahead."""
 
     truncations: tuple[Truncate, ...] = ()
     releases: tuple[int, ...] = ()
     forwards: tuple[Forward, ...] = ()
+    aheads: tuple[SpeculateAhead, ...] = ()
 
     @property
     def empty(self) -> bool:
         """Nothing for any executor to do."""
-        return not (self.forwards or self.truncations or self.releases)
+        return not (self.forwards or self.truncations or self.releases or self.aheads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +141,9 @@ class HeadOutput:
     logits: torch.Tensor | None = None
 
 
-# Per forward of a plan: slot -> its head output (only feeds with head_rows > 0).
-StepResult = list[dict[int, HeadOutput]]
+# Per forward of a plan: slot -> its head output (only feeds with head_rows > 0); then per
+# speculation ahead: {slot: AheadOutput}.
+StepResult = list[dict[int, HeadOutput | AheadOutput]]
 
 
 @dataclass(frozen=True, slots=True)

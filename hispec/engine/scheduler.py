@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from hispec.config import EngineConfig
 from hispec.errors import InvalidRequest
-from hispec.engine.plan import Feed, Forward, RingKey, StepPlan, Truncate
+from hispec.engine.plan import AheadOutput, Feed, Forward, RingKey, SpeculateAhead, StepPlan, Truncate
 from hispec.speculation.hierarchy import BatchPolicy, Hierarchy
 from hispec.speculation.rejection import Verdict
 from hispec.speculation.request import GenerationResult, Request, StepOutput
@@ -59,6 +59,7 @@ class Decision:
     level: int
     forward: int
     prefill: bool = False
+    ahead: bool = False  # the result at index `forward` is the sequence's AheadOutput (speculation ahead)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +112,18 @@ class Scheduler:
         eos_token_ids: Sequence[int] = (),
         detokenize: Callable[[Sequence[int]], str] | None = None,
         attention_break_even: float | None = None,
+        ahead_layers: int = 0,
     ) -> None:
         """`capacity`: tokens per sequence (prompt + new); `num_slots`: sequences the KV cache
         holds (the KV layout's; default config.max_batch_size); `attention_break_even`: the keys
         after which a prompt token's attention costs as much as the rest of its forward (see
-        `attention_break_even()`; None: prompt tokens cost the same wherever they sit)."""
+        `attention_break_even()`; None: prompt tokens cost the same wherever they sit);
+        `ahead_layers`: the layers [0, ahead_layers) the executor's first stage holds, where
+        speculation ahead can run (config.speculate_ahead)."""
         self.attention_break_even = attention_break_even
+        self.ahead_layers = ahead_layers if config.speculate_ahead else 0
+        self.aheads_kept = 0  # speculations ahead that became the next window
+        self.aheads_dropped = 0  # ... that the target's verdict made stale (never applied)
         self.policy, self.config = policy, config
         self.vocab_size, self.capacity = vocab_size, capacity
         self.eos_token_ids = tuple(eos_token_ids)
@@ -202,12 +209,17 @@ class Scheduler:
         active = [seq for rid, seq in self.running.items() if rid not in self.prefilling]
         forwards: list[Forward] = []
         decisions: list[Decision] = []
+        aheads: list[tuple[SpeculateAhead, SequenceState]] = []
         chunks, finished_at_once = self._prefill_chunks()
         if chunks:
             forwards.append(self._prefill_forward(chunks))
             decisions += [Decision(c.seq, c.seq.hierarchy.depth, 0, prefill=True) for c in chunks if c.last]
         for lane in self.lanes.values():
             members = [seq for seq in active if seq.hierarchy == lane.hierarchy]
+            ahead = [seq for seq in members if self._can_speculate_ahead(seq)]
+            if ahead:
+                decisions += self._plan_ahead(lane.hierarchy, ahead, forwards, aheads)
+                members = [seq for seq in members if seq not in ahead]
             if not members:
                 continue
             actions = {seq.slot: seq.next_action() for seq in members}
@@ -218,9 +230,91 @@ class Scheduler:
                 level_forward[level_range[1]] = len(forwards)
                 forwards.append(self._forward(lane.hierarchy, *level_range, feeds))
             decisions += [Decision(seq, actions[seq.slot], level_forward[actions[seq.slot]]) for seq in members]
+        decisions += [Decision(seq, 0, len(forwards) + j, ahead=True) for j, (_, seq) in enumerate(aheads)]
         cache_ops = self.take_cache_ops()
         self._finished_at_once = finished_at_once
-        return ScheduledStep(StepPlan(cache_ops.truncations, cache_ops.releases, tuple(forwards)), tuple(decisions))
+        return ScheduledStep(StepPlan(cache_ops.truncations, cache_ops.releases, tuple(forwards),
+                                      tuple(op for op, _ in aheads)), tuple(decisions))
+
+    # ---- speculation ahead (greedy, on the first stage; see hispec.engine.ahead) ----------------
+    def _can_speculate_ahead(self, seq: SequenceState) -> bool:
+        """A greedy HiSpec / LayerSkip sequence whose levels below the target agree (all hold the
+        same chain, its last token not yet run) and whose chain can grow, with its levels below the
+        target on the first stage."""
+        h = seq.hierarchy
+        K = h.depth
+        if not (K in (1, 2) and h.bounds[K] <= self.ahead_layers and seq.sampling.greedy):
+            return False
+        end = seq.accepted[0]
+        return (all(seq.accepted[j] == end and seq.fed[j] == end - 1 for j in range(K))
+                and seq.fed[K] == seq.accepted[K] - 1 and not seq.closed(K - 1))
+
+    def _plan_ahead(self, hierarchy: Hierarchy, members: list[SequenceState], forwards: list[Forward],
+                    aheads: list[tuple[SpeculateAhead, SequenceState]]) -> list[Decision]:
+        """One step per window: the chain's last token through level 0 (its head row is the first
+        draft of the next window) and, for sequences with a window ready, through the levels up to
+        the target and the window through the target; then the first stage speculates the next
+        window ahead of the verdict (a SpeculateAhead per sequence, after every row left)."""
+        K, budget = hierarchy.depth, hierarchy.budgets[-1]
+        members = sorted(members, key=lambda s: s.slot)
+        ready = [seq for seq in members if seq.accepted[K - 1] - seq.accepted[K] >= budget]
+        for seq in members:
+            seq.committed_before_step = seq.committed
+        first_draft = len(forwards)
+        forwards.append(self._forward(hierarchy, 0, 0, [_PlannedFeed(s, s.accepted[0] - 1, 1, True) for s in members]))
+        verifier_row = None
+        if ready and K == 2:  # level 1's row after the window's last token: the next window's first check
+            verifier_row = len(forwards)
+            forwards.append(self._forward(hierarchy, 1, 1, [_PlannedFeed(s, s.accepted[0] - 1, 1, True) for s in ready]))
+        decisions = []
+        if ready:
+            decisions = [Decision(seq, K, len(forwards)) for seq in ready]
+            forwards.append(self._forward(hierarchy, K, K, [_PlannedFeed(s, s.fed[K], s.accepted[K - 1] - s.fed[K], True)
+                                                              for s in ready]))
+        for seq in members:
+            has_window = seq in ready
+            base = seq.accepted[0]
+            committed_after = base + 1 if has_window else seq.committed  # if the target keeps what follows
+            aheads.append((SpeculateAhead(
+                seq.slot, hierarchy.bounds, hierarchy.budgets, hierarchy.window, first_draft,
+                verifier_row if has_window and K == 2 else None, base, tuple(seq.fed[:K]),
+                committed_after + budget, seq.limit, seq.stop_token_ids, self.draft_vocab), seq))
+        return decisions
+
+    def _apply_ahead(self, seq: SequenceState, ahead: AheadOutput) -> None:
+        """The levels below the target take the chain the first stage speculated."""
+        K = seq.hierarchy.depth
+        seq.tokens.extend(ahead.tokens)
+        for j in range(K):
+            seq.accepted[j] = len(seq.tokens)
+            seq.fed[j] = ahead.fed[j]
+
+    def _count_ahead(self, seq: SequenceState, ahead: AheadOutput) -> None:
+        """Statistics and the forward log of what a speculation ahead ran (kept or not)."""
+        for j, level in enumerate(seq.stats.levels[: len(ahead.proposed)]):
+            level.proposed += ahead.proposed[j]
+            level.accepted += ahead.accepted[j]
+            level.rounds += ahead.rounds[j]
+            seq.attempts[j] += ahead.rounds[j]
+        for layers, tokens, head_rows in ahead.forwards:
+            seq.stats.layer_forwards += layers
+            seq.stats.layer_token_passes += layers * tokens
+            self.forward_log[ForwardShape(layers, 1, tokens, head_rows, head_vocab=self.draft_vocab or 0)] += 1
+
+    def _apply_target_and_ahead(self, seq: SequenceState, verdict: Verdict, ahead: AheadOutput) -> None:
+        """The target's verdict on the window, with the next window already speculated: if it
+        accepted the whole window and its bonus token is where that next window starts, the
+        bonus is committed and the next window stands; otherwise the chain is cut at the verdict
+        (every stage rolls back) and the speculation ahead is dropped."""
+        K = seq.hierarchy.depth
+        window_end = seq.accepted[K - 1]
+        if verdict.accepted == window_end - seq.accepted[K] and verdict.next_token == ahead.tokens[0]:
+            self._apply_ahead(seq, ahead)
+            seq.accepted[K] = window_end + 1
+            self.aheads_kept += 1
+        else:
+            self._apply_verdict(seq, K, verdict)
+            self.aheads_dropped += 1
 
     def _plan_feeds(self, hierarchy: Hierarchy, members: list[SequenceState], actions: dict[int, int]) -> list[list[_PlannedFeed]]:
         """Per level, what each sequence runs through that level's layers this step."""
@@ -364,8 +458,15 @@ class Scheduler:
     def apply(self, step: ScheduledStep, verdicts: Sequence[Verdict]) -> list[StepOutput]:
         """Apply one verdict per decision (in order); returns what each request committed."""
         outputs, self._finished_at_once = self._finished_at_once, []
+        aheads = {id(d.seq): v for d, v in zip(step.decisions, verdicts, strict=True) if d.ahead}
+        judged = set()  # sequences whose speculation ahead met the target's verdict this step
         for decision, verdict in zip(step.decisions, verdicts, strict=True):
             seq, k = decision.seq, decision.level
+            if decision.ahead:
+                self._count_ahead(seq, verdict)
+                if id(seq) not in judged and seq.finish_reason is None:
+                    self._apply_ahead(seq, verdict)  # no window was checked this step: nothing to wait for
+                continue
             if decision.prefill:
                 P = seq.prompt_len
                 seq.attempts[k] += 1
@@ -384,7 +485,12 @@ class Scheduler:
                 level_stats.proposed += seq.accepted[k - 1] - seq.accepted[k]
                 level_stats.accepted += verdict.accepted
                 level_stats.rounds += 1
-                self._apply_verdict(seq, k, verdict)
+                ahead = aheads.get(id(seq)) if k == seq.hierarchy.depth else None
+                if ahead is not None:
+                    judged.add(id(seq))
+                    self._apply_target_and_ahead(seq, verdict, ahead)
+                else:
+                    self._apply_verdict(seq, k, verdict)
             if seq.accepted[-1] > seq.committed_before_step:
                 outputs.append(self._commit(seq))
         return outputs

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from hispec.engine.ahead import speculate_ahead
 from hispec.engine.plan import Feed, Forward, HeadOutput, KVSnapshot, RingKey, StepPlan
 from hispec.model.model import EarlyExitModel
 
@@ -168,15 +169,18 @@ def computes(lo: int, hi: int, fwd: Forward) -> bool:
 
 
 def takes_part(layer_range: tuple[int, int], plan: StepPlan) -> bool:
-    """Whether a stage owning `layer_range` has anything to do for `plan`'s forwards."""
+    """Whether a stage owning `layer_range` has anything to do for `plan`'s forwards (the first
+    stage also runs the speculations ahead)."""
     lo, hi = layer_range
-    return any(computes(lo, hi, f) or sends(hi, f) or receives(lo, f) for f in plan.forwards)
+    return (bool(plan.aheads) and lo == 0) or any(computes(lo, hi, f) or sends(hi, f) or receives(lo, f)
+                                                   for f in plan.forwards)
 
 
-def run_stage_plan(stage: Stage, plan: StepPlan, link: StageLink | None) -> dict[int, dict[int, HeadOutput]]:
-    """Everything `plan` asks of `stage`, in forward order: {forward index: head outputs by slot}."""
+def run_stage_plan(stage: Stage, plan: StepPlan, link: StageLink | None) -> dict[int, dict]:
+    """Everything `plan` asks of `stage`, in forward order: {forward index: head outputs by slot},
+    then (first stage) {len(forwards) + j: {slot: AheadOutput}} for the plan's speculations ahead."""
     stage.apply_cache_ops(plan)
-    heads: dict[int, dict[int, HeadOutput]] = {}
+    heads: dict[int, dict] = {}
     for i, fwd in enumerate(plan.forwards):
         incoming = None
         if stage.receives(fwd):
@@ -188,4 +192,9 @@ def run_stage_plan(stage: Stage, plan: StepPlan, link: StageLink | None) -> dict
             link.send(outgoing)
         if head:
             heads[i] = head
+    if stage.lo == 0:  # after every row of the step left for the deeper stages
+        for j, op in enumerate(plan.aheads):
+            row = None if op.verifier_row_forward is None else heads[op.verifier_row_forward][op.slot].argmax[0]
+            first_draft = heads[op.first_draft_forward][op.slot].argmax[0]
+            heads[len(plan.forwards) + j] = {op.slot: speculate_ahead(stage, op, first_draft, row)}
     return heads

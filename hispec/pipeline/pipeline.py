@@ -214,6 +214,7 @@ class PipelineExecutor:
         self.num_slots, self.capacity = connection.num_slots, connection.capacity
         self.kv_layout = connection.kv_layout
         self.stage_ranges = connection.stage_ranges
+        self.first_stage_layers = self.stage_ranges[0][1]  # where speculation ahead can run
         self._ranks = list(range(1, len(connection.stage_ranges) + 1))
         self.transport = Transport(connection.address, 0)
         self._broken: str | None = None
@@ -232,12 +233,12 @@ class PipelineExecutor:
         messages = {}
         for rank in self._ranks:
             pending = self._pending[rank]
-            if takes_part(self.stage_ranges[rank - 1], plan) or not plan.forwards:
+            if takes_part(self.stage_ranges[rank - 1], plan) or not (plan.forwards or plan.aheads):
                 messages[rank] = _after(pending, plan) if pending else plan
                 self._pending[rank] = []
             elif plan.truncations or plan.releases:
                 pending.append(StepPlan(plan.truncations, plan.releases))
-        result: StepResult = [{} for _ in plan.forwards]
+        result: StepResult = [{} for _ in range(len(plan.forwards) + len(plan.aheads))]
         for reply in self._round_trip(messages):
             for i, heads in reply.items():
                 result[i].update(heads)
@@ -336,7 +337,7 @@ def _plan_stage_caches(spec: PipelineSpec, actors: list) -> KVLayout:
 def _after(pending: list[StepPlan], plan: StepPlan) -> StepPlan:
     """`plan`, carrying first the cache operations of the plans a stage was left out of (in order)."""
     return StepPlan(tuple(t for p in pending for t in p.truncations) + plan.truncations,
-                    tuple(s for p in pending for s in p.releases) + plan.releases, plan.forwards)
+                    tuple(s for p in pending for s in p.releases) + plan.releases, plan.forwards, plan.aheads)
 
 
 def stage_timing_report(times: Sequence[StageTimes], wall_seconds: float) -> list[dict]:

@@ -176,6 +176,7 @@ class StageActor:
             heads = run_stage_plan(self.stage, message, link)
             self.times.steps += 1
             return {i: {slot: HeadOutput(h.argmax, None if h.logits is None else h.logits.cpu())
+                            if isinstance(h, HeadOutput) else h  # an AheadOutput: plain ints
                         for slot, h in by_slot.items()} for i, by_slot in heads.items()}
         if isinstance(message, SnapshotRequest):
             return self.stage.snapshot(message.with_tensors)
