@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--draft-vocab", type=int, help="proposals below the target score tokens [0, N) only "
                                                         "(EngineConfig.draft_vocab; default: the full head)")
+    parser.add_argument("--speculate-ahead", action=argparse.BooleanOptionalAction, default=EngineConfig.speculate_ahead,
+                        help="greedy HiSpec / LayerSkip windows speculated by the first stage on its own "
+                             "(EngineConfig.speculate_ahead; default: in pipelines only)")
     parser.add_argument("--pipeline-stages", type=int, default=1, metavar="S",
                         help="also run our methods on S stage actors of a local Ray instance (rows <method>-pp<S>; "
                              "default 1: single process only)")
@@ -101,12 +104,17 @@ def read_prompts(path: Path, count: int) -> list[str]:
     return read_prompts_jsonl(path)[:count]
 
 
+def engine_options(args) -> dict:
+    """The EngineConfig fields the command line sets for every engine it times."""
+    return {"draft_vocab": args.draft_vocab, "speculate_ahead": args.speculate_ahead}
+
+
 class OurMethod:
-    def __init__(self, model, hierarchy, draft_vocab=None):
-        self.model, self.hierarchy, self.draft_vocab = model, hierarchy, draft_vocab
+    def __init__(self, model, hierarchy, options: dict):
+        self.model, self.hierarchy, self.options = model, hierarchy, options
 
     def run(self, prompt_ids, max_new, batch_size):
-        config = EngineConfig(max_batch_size=batch_size, draft_vocab=self.draft_vocab)
+        config = EngineConfig(max_batch_size=batch_size, **self.options)
         engine = SpecEngine(self.model, self.hierarchy, config)
         started = time.perf_counter()
         results = engine.generate([Request(ids, max_new) for ids in prompt_ids])
@@ -134,6 +142,7 @@ class _CountingExecutor:
     def __init__(self, executor, bounds: tuple[int, ...], dtype: str) -> None:
         self.executor, self.inner_bounds = executor, bounds[1:-1]
         self.model_config, self.num_slots, self.capacity = executor.model_config, executor.num_slots, executor.capacity
+        self.first_stage_layers = executor.first_stage_layers
         self.row_bytes = self.model_config.hidden_size * torch.empty(0, dtype=compute_dtype(dtype, "cpu")).element_size()
         self.steps = self.hops = self.prefill_row_bytes = 0
 
@@ -158,15 +167,15 @@ class PipelinedMethod:
     of the largest batch. Each run is a fresh engine on its executor; the stages' counters are
     reset before and read after the timed part (`last_run`)."""
 
-    def __init__(self, pipelined, hierarchy, draft_vocab=None):
-        self.pipelined, self.hierarchy, self.draft_vocab = pipelined, hierarchy, draft_vocab
+    def __init__(self, pipelined, hierarchy, options: dict):
+        self.pipelined, self.hierarchy, self.options = pipelined, hierarchy, options
         self.bounds, self.dtype = pipelined.pipeline.spec.bounds, pipelined.pipeline.spec.dtype
         self.last_run: PipelineRun | None = None
 
     def run(self, prompt_ids, max_new, batch_size):
         executor = self.pipelined.executor
         counting = _CountingExecutor(executor, self.bounds, self.dtype)
-        engine = SpecEngine(counting, self.hierarchy, EngineConfig(max_batch_size=batch_size, draft_vocab=self.draft_vocab))
+        engine = SpecEngine(counting, self.hierarchy, EngineConfig(max_batch_size=batch_size, **self.options))
         executor.stage_times(reset=True)
         plan_bytes = executor.plan_bytes
         started = time.perf_counter()
@@ -186,11 +195,11 @@ def start_pipelines(stack: ExitStack, args, hierarchies: dict) -> dict[str, Pipe
 
     stages = args.pipeline_stages
     stack.enter_context(local_ray(stage_cpus(stages, len(hierarchies))))  # the pipelines take turns
-    config = EngineConfig(max_batch_size=max(args.batch_sizes), draft_vocab=args.draft_vocab)
+    config = EngineConfig(max_batch_size=max(args.batch_sizes), **engine_options(args))
     methods = {}
     for name, hierarchy in hierarchies.items():
         pipelined = stack.enter_context(PipelinedEngine.start(args.model, BatchPolicy.fixed(hierarchy), stages, config))
-        methods[pipelined_name(name, stages)] = PipelinedMethod(pipelined, hierarchy, args.draft_vocab)
+        methods[pipelined_name(name, stages)] = PipelinedMethod(pipelined, hierarchy, engine_options(args))
     return methods
 
 
@@ -267,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     hierarchies = {m: resolve_hierarchy(m, L, args.model) for m in OURS if m in args.methods}
     check_pipeline_stages(args.pipeline_stages, hierarchies)
     with ExitStack() as pipelines:
-        methods = {m: OurMethod(model, h, args.draft_vocab) for m, h in hierarchies.items()}
+        methods = {m: OurMethod(model, h, engine_options(args)) for m, h in hierarchies.items()}
         if args.pipeline_stages > 1:
             pipelined = start_pipelines(pipelines, args, hierarchies)
             methods |= pipelined
@@ -321,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "config": {"model": str(args.model), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                    "repeats": args.repeats, "threads": args.threads, "dtype": "float32", "new_tokens": new_tokens,
-                   "draft_vocab": args.draft_vocab, "pipeline_stages": args.pipeline_stages,
+                   "draft_vocab": args.draft_vocab, "speculate_ahead": args.speculate_ahead,
+                   "pipeline_stages": args.pipeline_stages,
                    "command": "hispec bench " + " ".join(argv if argv is not None else [])},
         "methods": {name: entry(name, 1) for name in methods},
         "batch_sizes": {str(b): {m: entry(m, b) for m in hierarchies} for b in args.batch_sizes if b > 1},

@@ -63,7 +63,7 @@ class SpecEngine:
         self.scheduler = Scheduler(self.policy, config, vocab_size=cfg.vocab_size, capacity=self.capacity,
                                    num_slots=self.num_slots, eos_token_ids=cfg.eos_token_ids, detokenize=detokenize,
                                    attention_break_even=attention_break_even(cfg),
-                                   ahead_layers=getattr(executor, "first_stage_layers", 0))
+                                   ahead_layers=_ahead_layers(executor, config))
         self.decider = Decider(self.num_slots, cfg.vocab_size, verifier)
         self._callbacks: dict[str, Callable[[list[int]], None]] = {}
 
@@ -195,3 +195,13 @@ def _engine_layout(executor: Executor, config: EngineConfig) -> KVLayout:
     if held is None:  # an executor that does not describe its cache (e.g. a test double)
         return KVLayout(num_slots, capacity, 0, 0)
     return KVLayout(num_slots, capacity, held.bytes_per_token, held.total_bytes, held.budget_bytes)
+
+
+def _ahead_layers(executor: Executor, config: EngineConfig) -> int:
+    """The layers where speculation ahead may run: the executor's first stage's, if it is on
+    (EngineConfig.speculate_ahead; by default in pipelines, where it overlaps the deeper stages)."""
+    first = getattr(executor, "first_stage_layers", 0)
+    enabled = config.speculate_ahead
+    if enabled is None:
+        enabled = first < executor.model_config.num_layers  # more than one stage
+    return first if enabled else 0

@@ -118,10 +118,10 @@ class Scheduler:
         holds (the KV layout's; default config.max_batch_size); `attention_break_even`: the keys
         after which a prompt token's attention costs as much as the rest of its forward (see
         `attention_break_even()`; None: prompt tokens cost the same wherever they sit);
-        `ahead_layers`: the layers [0, ahead_layers) the executor's first stage holds, where
-        speculation ahead can run (config.speculate_ahead)."""
+        `ahead_layers`: speculation ahead runs for hierarchies whose levels below the target lie
+        in layers [0, ahead_layers) (the executor's first stage; 0: never)."""
         self.attention_break_even = attention_break_even
-        self.ahead_layers = ahead_layers if config.speculate_ahead else 0
+        self.ahead_layers = ahead_layers
         self.aheads_kept = 0  # speculations ahead that became the next window
         self.aheads_dropped = 0  # ... that the target's verdict made stale (never applied)
         self.policy, self.config = policy, config
