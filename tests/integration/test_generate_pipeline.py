@@ -28,7 +28,10 @@ def test_two_stages_print_what_one_process_prints():
     two = generate_json("--method", "hispec", "--pipeline-stages", "2")
     assert len(one["token_ids"]) == 24
     assert two["token_ids"] == one["token_ids"] and two["text"] == one["text"]
-    assert two == one  # the statistics too: the same scheduler made the same steps
+    # The rest too, but for the statistics: the pipeline speculates ahead (EngineConfig.speculate_ahead),
+    # so its steps differ from one process's; the tokens they commit do not.
+    assert {k: v for k, v in two.items() if k != "stats"} == {k: v for k, v in one.items() if k != "stats"}
+    assert two["stats"]["new_tokens"] == one["stats"]["new_tokens"] == 24
 
 
 @pytest.mark.parametrize("args,message", [
