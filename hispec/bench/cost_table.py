@@ -94,9 +94,9 @@ class CostTable:
     def seconds(self, shape: ForwardShape) -> float:
         """One forward of `shape` with its head call. KeyError if a part was never timed."""
         key = forward_key(shape)
-        if key not in self.forward_samples:
+        if shape.layers and key not in self.forward_samples:
             raise KeyError(f"no timings for forwards of shape {key}")
-        total = statistics.median(self.forward_samples[key])
+        total = statistics.median(self.forward_samples[key]) if shape.layers else 0.0  # 0 layers: a head alone
         head = head_key(shape)
         if head is not None:
             if head not in self.head_samples:
@@ -109,7 +109,7 @@ class CostTable:
         return sum(count * self.seconds(shape) for shape, count in log.items())
 
     def missing(self, shapes: Iterable[ForwardShape]) -> tuple[set[ForwardKey], set[HeadKey]]:
-        forwards = {forward_key(s) for s in shapes} - set(self.forward_samples)
+        forwards = {forward_key(s) for s in shapes if s.layers} - set(self.forward_samples)
         heads = {k for s in shapes if (k := head_key(s)) is not None} - set(self.head_samples)
         return forwards, heads
 

@@ -55,15 +55,17 @@ def tokens_in_window(arrivals: list[tuple[float, int]], start: float, end: float
 
 
 async def _one(stub, pb, prompt_index: int, prompt: str, max_new_tokens: int,
-               arrivals: list[tuple[float, int]]) -> Timing:
-    reply = await grpc_stream(stub, pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens),
+               arrivals: list[tuple[float, int]], metadata: tuple = ()) -> Timing:
+    reply = await grpc_stream(stub, pb.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens), metadata,
                               on_output=lambda now, ids: arrivals.append((now, len(ids))))
     return Timing(prompt_index, len(reply.token_ids), reply.ttft_s, reply.latency_s, reply.token_ids)
 
 
 async def run_level(target: str, prompts: list[str], concurrency: int, ramp_s: float, duration_s: float,
-                    max_new_tokens: int) -> LevelRun:
-    """C closed-loop streams for ramp_s + duration_s; throughput over the last duration_s."""
+                    max_new_tokens: int, app: str | None = None) -> LevelRun:
+    """C closed-loop streams for ramp_s + duration_s; throughput over the last duration_s. `app`:
+    the Serve application to call (gRPC metadata `application`), when the proxy serves several."""
+    metadata = (("application", app),) if app else ()
     from hispec.rpc import hispec_pb2 as pb
     from hispec.rpc import hispec_pb2_grpc as rpc
 
@@ -76,7 +78,7 @@ async def run_level(target: str, prompts: list[str], concurrency: int, ramp_s: f
         async def stream() -> None:
             while True:
                 index = next(next_prompt) % len(prompts)
-                timings.append(await _one(stub, pb, index, prompts[index], max_new_tokens, arrivals))
+                timings.append(await _one(stub, pb, index, prompts[index], max_new_tokens, arrivals, metadata))
 
         started = time.perf_counter()
         tasks = [asyncio.create_task(stream()) for _ in range(concurrency)]
@@ -107,39 +109,49 @@ def summarize(levels: dict[int, list[LevelRun]]) -> dict:
     return out
 
 
-def outputs_agree(levels: dict[int, list[LevelRun]]) -> bool:
-    """Greedy: every request for a prompt produced the same tokens, at every concurrency."""
+def outputs_agree(*levels: dict[int, list[LevelRun]]) -> bool:
+    """Greedy: every request for a prompt produced the same tokens, at every concurrency (and in
+    every application given: a pipelined server must answer what a single-process one does)."""
     seen: dict[int, tuple[int, ...]] = {}
-    for runs in levels.values():
-        for run in runs:
-            for t in run.timings:
-                if seen.setdefault(t.prompt_index, t.token_ids) != t.token_ids:
-                    return False
+    for by_level in levels:
+        for runs in by_level.values():
+            for run in runs:
+                for t in run.timings:
+                    if seen.setdefault(t.prompt_index, t.token_ids) != t.token_ids:
+                        return False
     return True
 
 
 def plot(results: dict, path: Path) -> None:
+    """Left: tokens/s by concurrency (a bar per application); right: latency and TTFT percentiles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = results["levels"]
-    names = list(levels)
+    by_app = results["apps"] if "apps" in results else {"": results}
+    names = [str(c) for c in results["config"]["concurrency"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    bars = left.bar([f"{c} stream{'s' if c != '1' else ''}" for c in names], [levels[c]["tokens_per_s"] for c in names],
-                    color="#4c72b0")
-    left.bar_label(bars, fmt="%.0f")
+    width = 0.8 / len(by_app)
+    for i, (app, entry) in enumerate(by_app.items()):
+        levels = entry["levels"]
+        bars = left.bar([x + i * width for x in range(len(names))], [levels[c]["tokens_per_s"] for c in names],
+                        width, label=app or None)
+        left.bar_label(bars, fmt="%.0f", fontsize=7)
+        for key, label, style in (("latency_p50_s", "latency p50", "-"), ("latency_p99_s", "latency p99", "--"),
+                                  ("ttft_p50_s", "TTFT p50", ":")):
+            right.plot(range(len(names)), [levels[c][key] for c in names], style, marker="o",
+                       label=f"{app}: {label}" if app else label)
+    left.set_xticks([x + width * (len(by_app) - 1) / 2 for x in range(len(names))],
+                    [f"{c} stream{'s' if c != '1' else ''}" for c in names])
     left.set_ylabel("aggregate tokens / s (median)")
     left.set_title(f"gRPC GenerateStream, {results['config']['max_new_tokens']} new tokens, greedy", fontsize=9)
-    x = range(len(names))
-    for key, label in (("latency_p50_s", "latency p50"), ("latency_p99_s", "latency p99"),
-                       ("ttft_p50_s", "TTFT p50"), ("ttft_p99_s", "TTFT p99")):
-        right.plot(list(x), [levels[c][key] for c in names], marker="o", label=label)
-    right.set_xticks(list(x), names)
+    if len(by_app) > 1:
+        left.legend(fontsize=8)
+    right.set_xticks(range(len(names)), names)
     right.set_xlabel("concurrent streams")
     right.set_ylabel("seconds")
-    right.legend(fontsize=8)
+    right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -156,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of one stream first, not measured")
+    parser.add_argument("--apps", default="", help="comma-separated Serve application names to compare in one run "
+                        "(gRPC metadata `application`; levels interleaved over them), e.g. hispec,hispec-pp2 with "
+                        "deploy/hispec-compare.yaml; default: the proxy's only application")
     parser.add_argument("--out", type=Path, help="directory for serving.json and serving.png")
     return parser
 
@@ -169,25 +184,31 @@ def main(argv: list[str] | None = None) -> int:
         prompts = bundled_heldout_prompts()
     if args.duration <= 0 or args.ramp < 0 or args.warmup < 0 or args.repeats < 1 or min(concurrency) < 1:
         raise SystemExit("bench-serve: --duration must be > 0, --ramp/--warmup >= 0, --repeats and concurrency >= 1")
-    levels: dict[int, list[LevelRun]] = {c: [] for c in concurrency}
+    apps = [a for a in args.apps.split(",") if a] or [None]
+    levels: dict[str | None, dict[int, list[LevelRun]]] = {app: {c: [] for c in concurrency} for app in apps}
     if args.warmup:
-        asyncio.run(run_level(args.target, prompts, 1, 0.0, args.warmup, args.max_new_tokens))
-    with tqdm(total=args.repeats * len(concurrency), desc="levels", file=sys.stderr) as progress:
+        for app in apps:
+            asyncio.run(run_level(args.target, prompts, 1, 0.0, args.warmup, args.max_new_tokens, app))
+    with tqdm(total=args.repeats * len(concurrency) * len(apps), desc="levels", file=sys.stderr) as progress:
         for _ in range(args.repeats):
             for c in concurrency:
-                run = asyncio.run(run_level(args.target, prompts, c, args.ramp, args.duration, args.max_new_tokens))
-                levels[c].append(run)
-                progress.set_postfix_str(f"{c} streams: {run.tokens_per_s:.0f} tok/s")
-                progress.update(1)
-    results = {
-        "config": {"target": args.target, "concurrency": concurrency, "ramp_s": args.ramp, "duration_s": args.duration,
-                   "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompts": len(prompts)},
-        "levels": summarize(levels),
-        "outputs_identical_across_concurrency": outputs_agree(levels),
-    }
-    base = str(concurrency[0])
-    results["speedup_over_" + base] = {str(c): round(results["levels"][str(c)]["tokens_per_s"] /
-                                                     results["levels"][base]["tokens_per_s"], 2) for c in concurrency}
+                for app in apps:
+                    run = asyncio.run(run_level(args.target, prompts, c, args.ramp, args.duration, args.max_new_tokens, app))
+                    levels[app][c].append(run)
+                    progress.set_postfix_str(f"{app + ': ' if app else ''}{c} streams: {run.tokens_per_s:.0f} tok/s")
+                    progress.update(1)
+    config = {"target": args.target, "concurrency": concurrency, "ramp_s": args.ramp, "duration_s": args.duration,
+              "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "prompts": len(prompts)}
+    per_app = {app: _app_results(levels[app], concurrency) for app in apps}
+    if apps == [None]:
+        results = {"config": config} | per_app[None]
+    else:
+        first = apps[0]
+        results = {"config": config | {"apps": apps}, "apps": per_app,
+                   "outputs_identical_across_apps_and_concurrency": outputs_agree(*levels.values()),
+                   f"tokens_per_s_over_{first}": {app: {str(c): round(per_app[app]["levels"][str(c)]["tokens_per_s"] /
+                                                                      per_app[first]["levels"][str(c)]["tokens_per_s"], 2)
+                                                        for c in concurrency} for app in apps}}
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -195,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, args.out / "serving.png")
         print(f"wrote {args.out / 'serving.json'} and serving.png", file=sys.stderr)
     return 0
+
+
+def _app_results(levels: dict[int, list[LevelRun]], concurrency: list[int]) -> dict:
+    out = {"levels": summarize(levels), "outputs_identical_across_concurrency": outputs_agree(levels)}
+    base = str(concurrency[0])
+    out["speedup_over_" + base] = {str(c): round(out["levels"][str(c)]["tokens_per_s"] /
+                                                 out["levels"][base]["tokens_per_s"], 2) for c in concurrency}
+    return out
 
 
 if __name__ == "__main__":

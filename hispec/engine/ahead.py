@@ -60,15 +60,16 @@ class _Chain:
         return self.accepted[-1] >= self.op.goal or self.closed(len(self.accepted) - 1)
 
 
-def speculate_ahead(stage, op: SpeculateAhead, first_draft: int, verifier_row: int | None = None) -> AheadOutput:
-    """Run `op` on `stage` (which holds layers [0, e_{K-1}) and their exit heads). `first_draft`:
-    level 0's proposal at `base`; `verifier_row`: level K-1's argmax at `base`, when a forward of
-    the step computed it."""
+def speculate_ahead(stage, op: SpeculateAhead) -> AheadOutput:
+    """Run `op` on `stage` (which holds layers [0, e_{K-1}) and their exit heads)."""
     K = len(op.bounds) - 2  # levels 0..K-1 run here
     if K not in (1, 2):
         raise ValueError(f"speculation ahead runs hierarchies of 1 or 2 levels below the target, not {K}")
-    chain = _Chain(op, [first_draft], [op.base + 1] + [op.base] * (K - 1), list(op.fed),
-                   [1] + [0] * (K - 1), [0] * K, [1] + [0] * (K - 1), carried=[verifier_row] if verifier_row is not None else [])
+    chain = _Chain(op, [], [op.base] * K, list(op.fed), [1] + [0] * (K - 1), [0] * K, [1] + [0] * (K - 1))
+    chain.tokens.append(_head(stage, chain, op.bounds[1], op.base - 1))  # the first draft
+    chain.accepted[0] += 1
+    if op.verifier_row:
+        chain.carried = [_head(stage, chain, op.bounds[K], op.base - 1)]
     while not chain.done():
         k = chain.next_action()
         if k == 0:
@@ -79,6 +80,13 @@ def speculate_ahead(stage, op: SpeculateAhead, first_draft: int, verifier_row: i
             _verify(stage, chain, k)
     return AheadOutput(tuple(chain.tokens[: chain.accepted[-1] - op.base]), tuple(chain.fed), tuple(chain.proposed),
                        tuple(chain.verified), tuple(chain.rounds), tuple(chain.forwards))
+
+
+def _head(stage, chain: _Chain, exit_layer: int, position: int) -> int:
+    """The exit head's argmax on the row the ring at `exit_layer` holds for `position`."""
+    op = chain.op
+    chain.forwards.append((0, 1, 1))
+    return stage.ring_head(RingKey(exit_layer, op.window), op.slot, position, op.head_vocab)
 
 
 def _run(stage, chain: _Chain, first: int, last: int, start: int, count: int, head_rows: int) -> list[int]:

@@ -82,24 +82,24 @@ class SpeculateAhead:
 
     Levels 0..K-1 of the hierarchy with `bounds` (0, e_0, ..., e_{K-1}, L) and `budgets` draft and
     verify (greedy: argmax) until level K-1's chain reaches `goal` tokens or closes (a stop token,
-    or `limit`); K is 1 or 2. Start: the chain ends at position `base` with the token
-    `first_draft_forward`'s head proposed there (that forward ran the token before it through level
-    0); `fed` is each level's KV length after the step's forwards. When the step also sent the
-    window to the target, its catch-up through level K-1 (forward `verifier_row_forward`) already
-    gave level K-1's row at `base`: its first verification starts with it."""
+    or `limit`); K is 1 or 2. Start: the chain holds `base` tokens, the last of which this step ran
+    through level 0 (its row at exit e_0 is in that ring: the exit head there proposes the token at
+    `base`); `fed` is each level's KV length after the step's forwards. With `verifier_row`, the step
+    also ran that token through level K-1 (the catch-up that fed the target): level K-1's first
+    check starts with the exit head on its row there. Both heads run here, after the rows for the
+    deeper stages left, not before."""
 
     slot: int
     bounds: tuple[int, ...]
     budgets: tuple[int, ...]
     window: int  # the hierarchy's ring window
-    first_draft_forward: int  # the forward of this plan whose head row proposes the token at `base`
-    verifier_row_forward: int | None
     base: int
     fed: tuple[int, ...]  # per level 0..K-1
     goal: int  # stop once level K-1 holds this many tokens
     limit: int  # most tokens (prompt + new) the sequence may hold
     stop_token_ids: frozenset[int] = frozenset()
     head_vocab: int | None = None  # as Forward.head_vocab
+    verifier_row: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ class AheadOutput:
     proposed: tuple[int, ...]  # per level 0..K-1 (level 0: tokens drafted)
     accepted: tuple[int, ...]  # per level 0..K-1 (level 0: always 0)
     rounds: tuple[int, ...]
-    forwards: tuple[tuple[int, int, int], ...]  # (layers, tokens, head rows) of every forward it ran
+    forwards: tuple[tuple[int, int, int], ...]  # (layers, tokens, head rows) of every forward it ran (0 layers: a head alone)
 
 
 @dataclass(frozen=True, slots=True)

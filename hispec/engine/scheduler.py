@@ -251,21 +251,19 @@ class Scheduler:
 
     def _plan_ahead(self, hierarchy: Hierarchy, members: list[SequenceState], forwards: list[Forward],
                     aheads: list[tuple[SpeculateAhead, SequenceState]]) -> list[Decision]:
-        """One step per window: the chain's last token through level 0 (its head row is the first
-        draft of the next window) and, for sequences with a window ready, through the levels up to
-        the target and the window through the target; then the first stage speculates the next
-        window ahead of the verdict (a SpeculateAhead per sequence, after every row left)."""
+        """One step per window: the chain's last token through level 0 and, for sequences with a
+        window ready, through the levels up to the target and the window through the target; then
+        the first stage speculates the next window ahead of the verdict (a SpeculateAhead per
+        sequence, after every row left), starting with the exit heads on that last token."""
         K, budget = hierarchy.depth, hierarchy.budgets[-1]
         members = sorted(members, key=lambda s: s.slot)
         ready = [seq for seq in members if seq.accepted[K - 1] - seq.accepted[K] >= budget]
         for seq in members:
             seq.committed_before_step = seq.committed
-        first_draft = len(forwards)
-        forwards.append(self._forward(hierarchy, 0, 0, [_PlannedFeed(s, s.accepted[0] - 1, 1, True) for s in members]))
-        verifier_row = None
-        if ready and K == 2:  # level 1's row after the window's last token: the next window's first check
-            verifier_row = len(forwards)
-            forwards.append(self._forward(hierarchy, 1, 1, [_PlannedFeed(s, s.accepted[0] - 1, 1, True) for s in ready]))
+        # No head rows here: the first stage runs them after the rows for the target have left.
+        forwards.append(self._forward(hierarchy, 0, 0, [_PlannedFeed(s, s.accepted[0] - 1, 1, False) for s in members]))
+        if ready and K == 2:  # the window's last token through level 1, for the target
+            forwards.append(self._forward(hierarchy, 1, 1, [_PlannedFeed(s, s.accepted[0] - 1, 1, False) for s in ready]))
         decisions = []
         if ready:
             decisions = [Decision(seq, K, len(forwards)) for seq in ready]
@@ -276,9 +274,9 @@ class Scheduler:
             base = seq.accepted[0]
             committed_after = base + 1 if has_window else seq.committed  # if the target keeps what follows
             aheads.append((SpeculateAhead(
-                seq.slot, hierarchy.bounds, hierarchy.budgets, hierarchy.window, first_draft,
-                verifier_row if has_window and K == 2 else None, base, tuple(seq.fed[:K]),
-                committed_after + budget, seq.limit, seq.stop_token_ids, self.draft_vocab), seq))
+                seq.slot, hierarchy.bounds, hierarchy.budgets, hierarchy.window, base, tuple(seq.fed[:K]),
+                committed_after + budget, seq.limit, seq.stop_token_ids, self.draft_vocab,
+                verifier_row=has_window and K == 2), seq))
         return decisions
 
     def _apply_ahead(self, seq: SequenceState, ahead: AheadOutput) -> None:

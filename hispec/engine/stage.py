@@ -121,6 +121,12 @@ class Stage:
             row += f.head_rows
         return out
 
+    def ring_head(self, key: RingKey, slot: int, position: int, head_vocab: int | None = None) -> int:
+        """The exit head's argmax on the row of `position` in the ring `key` (host sync)."""
+        column = position % key.window
+        _, argmax = self.model.exit_head(self._ring(key)[slot : slot + 1, column : column + 1], head_vocab)
+        return argmax[0]
+
     # ---- rings -------------------------------------------------------------------------------
     def _ring(self, key: RingKey) -> torch.Tensor:
         ring = self.rings.get(key)
@@ -194,7 +200,5 @@ def run_stage_plan(stage: Stage, plan: StepPlan, link: StageLink | None) -> dict
             heads[i] = head
     if stage.lo == 0:  # after every row of the step left for the deeper stages
         for j, op in enumerate(plan.aheads):
-            row = None if op.verifier_row_forward is None else heads[op.verifier_row_forward][op.slot].argmax[0]
-            first_draft = heads[op.first_draft_forward][op.slot].argmax[0]
-            heads[len(plan.forwards) + j] = {op.slot: speculate_ahead(stage, op, first_draft, row)}
+            heads[len(plan.forwards) + j] = {op.slot: speculate_ahead(stage, op)}
     return heads

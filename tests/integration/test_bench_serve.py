@@ -36,3 +36,22 @@ def test_bench_serve_writes_results(server, tmp_path):
     assert results["outputs_identical_across_concurrency"] is True
     assert results["speedup_over_1"]["1"] == 1.0
     assert (out / "serving.png").stat().st_size > 0
+
+
+def test_bench_serve_by_application_name(server, tmp_path):
+    """--apps sends the `application` metadata (how deploy/hispec-compare.yaml's two applications are
+    told apart) and reports each application with its ratio to the first."""
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, "-m", "hispec.cli", "bench-serve", "--target", server.grpc, "--apps", "hispec",
+         "--concurrency", "1,2", "--duration", "1.5", "--ramp", "0.5", "--warmup", "0.5", "--repeats", "1",
+         "--max-new-tokens", "12", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "serving.json").read_text())
+    assert results["config"]["apps"] == ["hispec"]
+    assert set(results["apps"]["hispec"]["levels"]) == {"1", "2"}
+    assert results["outputs_identical_across_apps_and_concurrency"] is True
+    assert results["tokens_per_s_over_hispec"] == {"hispec": {"1": 1.0, "2": 1.0}}
+    assert (out / "serving.png").stat().st_size > 0

@@ -14,6 +14,27 @@ from hispec.serving.config import AppArgs
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def test_compare_config_serves_both_ways_within_two_cores():
+    """deploy/hispec-compare.yaml: one process and a 2-stage pipeline, side by side, their CPU
+    reservations (engine replicas, stages, ingresses) within this machine's 2 cores."""
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "hispec-compare.yaml").read_text()))
+    apps = {app.name: app for app in config.applications}
+    assert set(apps) == {"hispec", "hispec-pp2"}
+    assert {app.route_prefix for app in apps.values()} == {"/", "/pp2"}
+    reserved = 0.0
+    for app in apps.values():
+        args = AppArgs.model_validate(app.args)
+        built = build_app(app.args)
+        assert args.pipeline_stages == (2 if app.name == "hispec-pp2" else 1)
+        for deployment in app.deployments:
+            options = deployment.model_dump(exclude_unset=True).get("ray_actor_options", {})
+            reserved += options.get("num_cpus", 0)
+        if args.pipeline_stages > 1:
+            reserved += args.replica_cpus + args.pipeline_stages * args.stage_cpus
+        assert built is not None
+    assert reserved <= 2
+
+
 @pytest.mark.parametrize("name", ["hispec.yaml", "hispec-gpu.yaml", "hispec-pipeline.yaml"])
 def test_serve_config_validates_and_builds(name):
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / name).read_text()))
