@@ -4,7 +4,8 @@ the output is plain greedy decoding; a window the verdict makes stale is never a
 stage's KV matches what the scheduler expects after every step.
 
 Through one process (the whole model, ahead forced on) and through two in-process stages (where it
-is on by default); tests/integration/test_pipeline.py runs it through stage actors."""
+is on by default); tests/integration/test_pipeline.py runs it through stage actors. `model_dir` and
+`model` (a tiny 6-layer checkpoint) come from tests/unit/conftest.py."""
 
 from __future__ import annotations
 
@@ -21,18 +22,6 @@ NEW_TOKENS = 33
 # Hierarchies of 1 or 2 levels below the target whose levels below it fit the first stage [0, 4)
 AHEAD_GRID = [(e, n) for e, n in GRID if len(e) in (1, 2) and e[-1] <= 4]
 SPLIT = (0, 4, 6)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny6")
-    tiny_model(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def model(model_dir):
-    return tiny_model(model_dir)
 
 
 @pytest.fixture(scope="module")
