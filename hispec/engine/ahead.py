@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from hispec.engine.plan import AheadOutput, Feed, Forward, RingKey, SpeculateAhead
 from hispec.speculation.rejection import verify_greedy
+from hispec.speculation.state import next_action
 
 
 @dataclass
@@ -49,12 +50,8 @@ class _Chain:
         return end >= self.op.limit or (end > self.op.base and self.token(end - 1) in self.op.stop_token_ids)
 
     def next_action(self) -> int:
-        """As SequenceState.next_action, over levels 0..K-1 (K-1 plays the target's part)."""
-        for k in range(len(self.accepted) - 1, 0, -1):
-            waiting = self.accepted[k - 1] - self.accepted[k]
-            if waiting >= self.op.budgets[k - 1] or (waiting > 0 and self.closed(k - 1)):
-                return k
-        return 0
+        """The scheduler's rule over levels 0..K-1 (K-1 plays the target's part)."""
+        return next_action(self.accepted, self.op.budgets, self.closed)
 
     def done(self) -> bool:
         return self.accepted[-1] >= self.op.goal or self.closed(len(self.accepted) - 1)

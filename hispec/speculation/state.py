@@ -11,6 +11,7 @@ is not yet run through it: it is the input of that level's next step).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hispec.speculation.hierarchy import Hierarchy
@@ -63,15 +64,20 @@ class SequenceState:
         return end >= self.limit or self.tokens[end - 1] in self.stop_token_ids
 
     def next_action(self) -> int:
-        """0: draft a token (for K = 0: decode one); k >= 1: verify level k-1's extra tokens at level k.
+        """0: draft a token (for K = 0: decode one); k >= 1: verify level k-1's extra tokens at level k."""
+        return next_action(self.accepted, self.hierarchy.budgets, self.closed)
 
-        The deepest level with enough proposals goes first: its verdict may discard them all."""
-        hierarchy = self.hierarchy
-        for k in range(hierarchy.depth, 0, -1):
-            waiting = self.accepted[k - 1] - self.accepted[k]
-            if waiting >= hierarchy.budgets[k - 1] or (waiting > 0 and self.closed(k - 1)):
-                return k
-        return 0
+
+def next_action(accepted: Sequence[int], budgets: Sequence[int], closed: Callable[[int], bool]) -> int:
+    """The action of a sequence whose levels 0..len(accepted)-1 hold chains of `accepted` tokens:
+    0 drafts; k >= 1 verifies at level k what level k-1 holds beyond it, once that is `budgets[k-1]`
+    tokens or level k-1's chain is `closed` (cannot grow). The deepest level with enough proposals
+    goes first: its verdict may discard them all. (The scheduler's rule, and speculation ahead's.)"""
+    for k in range(len(accepted) - 1, 0, -1):
+        waiting = accepted[k - 1] - accepted[k]
+        if waiting >= budgets[k - 1] or (waiting > 0 and closed(k - 1)):
+            return k
+    return 0
 
 
 def align_actions(members: list[SequenceState], actions: dict[int, int]) -> None:
