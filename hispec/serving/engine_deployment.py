@@ -20,6 +20,7 @@ from ray import serve
 
 from hispec.engine import ExecutorFailure
 from hispec.errors import EngineUnavailable, InvalidRequest, Overloaded
+from hispec.serving.admission import Admission, Ticket
 from hispec.serving.config import AppArgs
 from hispec.serving.engine_build import build_engine, detokenizer, pipeline_spec_for
 from hispec.serving.engine_loop import Failed
@@ -54,14 +55,16 @@ class HiSpecEngine:
         self.gpus = GpuMonitor()
         self.pipeline = None  # with pipeline_stages > 1: the stage actors in this replica's placement group
         self._rebuilding = asyncio.Lock()
-        self._open = 0  # requests in this replica (running, queued in the engine, or being set up)
         self.engine = self._start_engine()
         summary = self.engine.summary
         self.info = EngineInfo(self.args.served_name, summary.num_layers, summary.vocab_size, summary.max_batch_size,
                                [summary.policy],
                                Limits(summary.capacity, summary.vocab_size, self.args.default_max_new_tokens,
                                       self.args.max_prompt_chars, self.args.max_stop_strings))
-        self.max_open = summary.max_batch_size + self.args.max_queued_requests
+        self.admission = Admission(summary.max_batch_size + self.args.max_queued_requests,
+                                   f"the server is at capacity ({summary.max_batch_size} running and "
+                                   f"{self.args.max_queued_requests} queued requests); retry later",
+                                   lambda engine: engine is self.engine and self._engine_down() is None)
         log.info("engine ready (process %s): %s, policy %s; %s", self.engine.pid, self.args.model, summary.policy,
                  summary.kv_cache)
 
@@ -113,25 +116,20 @@ class HiSpecEngine:
             self.pipeline = None
         self.engine = self._start_engine()
 
-    def _admit(self) -> None:
-        """Count a request in, or refuse it at once when running + queued requests are at the limit
-        (a bounded queue: beyond it the client hears RESOURCE_EXHAUSTED / 429 and can go elsewhere)."""
-        if self._open >= self.max_open:
-            self.metrics.rejected.inc()
-            raise Overloaded(f"the server is at capacity ({self.info.max_batch_size} running and "
-                             f"{self.args.max_queued_requests} queued requests); retry later")
-        self._open += 1
-
     async def generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[Chunk]:
         """Streams the continuation of `prompt_ids` (called with `handle.options(stream=True)`)."""
-        self._admit()  # synchronous with the check: no await between counting and the limit
         try:
-            async for chunk in self._generate(prompt_ids, params):
+            ticket = self.admission.enter()  # synchronous with the check: no await between counting and the limit
+        except Overloaded:
+            self.metrics.rejected.inc()
+            raise
+        try:
+            async for chunk in self._generate(prompt_ids, params, ticket):
                 yield chunk
         finally:
-            self._open -= 1
+            self.admission.leave(ticket)
 
-    async def _generate(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[Chunk]:
+    async def _generate(self, prompt_ids: list[int], params: GenerationParams, ticket: Ticket) -> AsyncIterator[Chunk]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         request = Request(prompt_ids, params.new_tokens_for(len(prompt_ids), self.info.limits, "max_new_tokens"),
@@ -140,6 +138,7 @@ class HiSpecEngine:
         await self._ensure_engine()
         started = last = time.perf_counter()
         finished = False
+        ticket.engine = self.engine
         self.engine.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
         try:
             while not finished:
@@ -203,9 +202,12 @@ class HiSpecEngine:
         return self.info
 
     def load(self) -> dict:
+        """What Health / healthz report. Queued: requests in this replica not decoding yet, whether
+        waiting in the engine or still being set up here (both hold a place in the bounded queue)."""
         snap = self.engine.snapshot()
         return {"serving": self._engine_down() is None and not self._rebuilding.locked(),
-                "active_sequences": snap.active, "queued_requests": snap.queued}
+                "active_sequences": snap.active,
+                "queued_requests": max(snap.queued, self.admission.holding() - snap.active)}
 
     async def check_health(self) -> None:
         """Serve restarts the replica when this raises; a dead engine process or stage is rebuilt in

@@ -175,7 +175,7 @@ def _http_request_bytes(server: Server, stream: bool) -> tuple[tuple[str, int], 
 
 @pytest.mark.parametrize("protocol,stream", [("grpc", False), ("grpc", True), ("http", False), ("http", True)])
 def test_cancel_frees_the_sequence_within_a_second(server, stub, protocol, stream):
-    assert wait_for(lambda: active_sequences(stub) == 0, 30), "the server was busy before the test"
+    assert wait_for(lambda: active_sequences(stub) == 0, 30) is not None, "the server was busy before the test"
     request = pb.GenerateRequest(prompt=PROMPTS[2], max_new_tokens=LONG_NEW, temperature=0)
     if protocol == "grpc":
         call = (stub.GenerateStream(request, metadata=AUTH, timeout=120) if stream
@@ -237,7 +237,7 @@ def _p99(values: list[float]) -> float:
 def test_a_long_prompt_does_not_stall_running_streams(server, stub, checkpoint):
     """A 2,000-token prompt is prefilled in chunks of PREFILL_CHUNK tokens between decoding steps: the
     4 running streams' inter-token latency p99 while it enters stays under 3x its p99 without it."""
-    assert wait_for(lambda: active_sequences(stub) == 0, 30), "the server was busy before the test"
+    assert wait_for(lambda: active_sequences(stub) == 0, 30) is not None, "the server was busy before the test"
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     long_prompt = [t for p in bundled_heldout_prompts() for t in tokenizer(p)["input_ids"]][:2000]
     assert len(long_prompt) == 2000
@@ -301,6 +301,11 @@ class _Stream(threading.Thread):
 
 
 def test_engine_process_killed_mid_stream(server, stub, expected):
+    def idle() -> bool:  # nothing left of earlier tests, in the engine or in the replica's bounded queue
+        health = stub.Health(pb.HealthRequest(), metadata=AUTH, timeout=5)
+        return health.active_sequences == 0 and health.queued_requests == 0
+
+    assert wait_for(idle, 30) is not None, "the server was busy before the test"
     victim = _engine_process_pid(server)
     streams = [_Stream(stub, PROMPTS[i], LONG_NEW if i < RUNNING else MAX_NEW) for i in range(RUNNING + QUEUED)]
     for stream in streams:
