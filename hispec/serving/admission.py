@@ -27,19 +27,20 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, limit: int, refusal: str, engine_serves: Callable[[object], bool]) -> None:
-        """`limit`: running + queued requests; `refusal`: the Overloaded message; `engine_serves(e)`:
-        whether engine `e` is the current one and alive (asked only when the queue looks full)."""
+    def __init__(self, limit: int, refusal: str, serving_engine: Callable[[], object | None]) -> None:
+        """`limit`: running + queued requests; `refusal`: the Overloaded message; `serving_engine()`:
+        the engine that serves now, or None while it is down (asked only when the queue looks full)."""
         if limit < 1:
             raise ValueError(f"the queue must hold at least one request, not {limit}")
-        self.limit, self.refusal, self._engine_serves = limit, refusal, engine_serves
+        self.limit, self.refusal, self._serving_engine = limit, refusal, serving_engine
         self._open: set[Ticket] = set()
 
     def holding(self) -> int:
         """Requests holding a place: all open ones, less those on a dead (or replaced) engine."""
         if len(self._open) < self.limit:
             return len(self._open)  # the common case: no need to ask about engines
-        return sum(1 for t in self._open if t.engine is None or self._engine_serves(t.engine))
+        serving = self._serving_engine()  # one question, not one per request
+        return sum(1 for t in self._open if t.engine is None or t.engine is serving)
 
     def enter(self) -> Ticket:
         """A place for a new request, or Overloaded at once (RESOURCE_EXHAUSTED / 429: the client can

@@ -64,7 +64,7 @@ class HiSpecEngine:
         self.admission = Admission(summary.max_batch_size + self.args.max_queued_requests,
                                    f"the server is at capacity ({summary.max_batch_size} running and "
                                    f"{self.args.max_queued_requests} queued requests); retry later",
-                                   lambda engine: engine is self.engine and self._engine_down() is None)
+                                   lambda: self.engine if self._engine_down() is None else None)
         log.info("engine ready (process %s): %s, policy %s; %s", self.engine.pid, self.args.model, summary.policy,
                  summary.kv_cache)
 

@@ -74,6 +74,12 @@ def active_sequences(stub) -> int:
     return stub.Health(pb.HealthRequest(), metadata=AUTH, timeout=10).active_sequences
 
 
+def idle(stub) -> bool:
+    """Nothing decoding and nothing queued, in the engine or in the replica's bounded queue."""
+    health = stub.Health(pb.HealthRequest(), metadata=AUTH, timeout=10)
+    return health.active_sequences == 0 and health.queued_requests == 0
+
+
 def wait_for(condition, timeout_s: float, every_s: float = 0.02) -> float | None:
     """Seconds until `condition()` held, or None if it did not within `timeout_s`."""
     started = time.monotonic()
@@ -156,7 +162,7 @@ def test_overload_rejects_the_excess_fast_and_serves_the_rest(server, stub, expe
     assert slowest_refusal < 5.0, f"a refusal took {slowest_refusal:.1f} s"
     for prompt, ids in served:
         assert ids == expected[prompt]
-    assert wait_for(lambda: active_sequences(stub) == 0, 10)
+    assert wait_for(lambda: active_sequences(stub) == 0, 10) is not None
     rss_after = server.rss_bytes()
     print(f"\noverload: {offered} offered at once, {len(served)} served (all equal to greedy), {len(refused)} "
           f"refused with RESOURCE_EXHAUSTED in <= {slowest_refusal:.2f} s; server RSS {rss_before >> 20} -> "
@@ -301,11 +307,7 @@ class _Stream(threading.Thread):
 
 
 def test_engine_process_killed_mid_stream(server, stub, expected):
-    def idle() -> bool:  # nothing left of earlier tests, in the engine or in the replica's bounded queue
-        health = stub.Health(pb.HealthRequest(), metadata=AUTH, timeout=5)
-        return health.active_sequences == 0 and health.queued_requests == 0
-
-    assert wait_for(idle, 30) is not None, "the server was busy before the test"
+    assert wait_for(lambda: idle(stub), 30) is not None, "the server was busy before the test"
     victim = _engine_process_pid(server)
     streams = [_Stream(stub, PROMPTS[i], LONG_NEW if i < RUNNING else MAX_NEW) for i in range(RUNNING + QUEUED)]
     for stream in streams:

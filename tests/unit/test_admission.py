@@ -6,13 +6,13 @@ from hispec.serving.admission import Admission
 
 
 class Engines:
-    """Which engine objects serve: the current one, unless it died."""
+    """The engine that serves: the current one, unless it died."""
 
     def __init__(self) -> None:
         self.current, self.dead = object(), False
 
-    def serves(self, engine: object) -> bool:
-        return engine is self.current and not self.dead
+    def serves(self) -> object | None:
+        return None if self.dead else self.current
 
 
 def test_refuses_beyond_the_limit_and_frees_a_place_on_leave():
